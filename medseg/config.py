@@ -120,7 +120,9 @@ class DataConfig(Strict):
         for pair in self.left_right_pairs:
             unknown = [s for s in pair if s not in names]
             if unknown:
-                raise ValueError(f"left_right_pairs names unknown structures {unknown}; known: {sorted(names)}")
+                raise ValueError(
+                    f"left_right_pairs names unknown structures {unknown}; known: {sorted(names)}"
+                )
         unknown = [s for s in self.single_component if s not in names]
         if unknown:
             raise ValueError(f"single_component names unknown structures {unknown}; known: {sorted(names)}")
@@ -378,7 +380,9 @@ def load_config(
             raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
         base = path.resolve().parent
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping with sections data/model/loss/train/predict, got {raw!r}")
+        raise ConfigError(
+            f"{where}: expected a mapping with sections data/model/loss/train/predict, got {raw!r}"
+        )
     raw = apply_overrides(raw, overrides)
     try:
         cfg = Config.model_validate(raw)

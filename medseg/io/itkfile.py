@@ -27,7 +27,9 @@ def read_itk_file(path: str | Path) -> Volume:
     except RuntimeError as exc:
         raise DataError(f"{path}: cannot read ({str(exc).strip().splitlines()[-1]})") from exc
     if img.GetDimension() == 4:
-        raise DataError(f"{path}: 4D images are not supported here (size {img.GetSize()}); split the 4th axis")
+        raise DataError(
+            f"{path}: 4D images are not supported here (size {img.GetSize()}); split the 4th axis"
+        )
     return sitk_to_volume(img, meta={"source": str(path), "format": "itk"})
 
 

@@ -1,0 +1,84 @@
+"""Entry point of the ``medseg`` command.
+
+Exit codes: 0 success, 2 bad input (config, data, arguments; a :class:`~medseg.errors.MedsegError`),
+1 unexpected failure. ``--debug`` prints tracebacks. Heavy libraries (torch, MONAI) are imported inside
+the commands so ``medseg --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from medseg._version import __version__
+from medseg.errors import MedsegError
+
+DESCRIPTION = """\
+medseg: 2D and 3D medical image segmentation with exact geometry.
+
+Common tasks:
+  medseg info scan.nii.gz                      geometry and intensity summary of a scan
+  medseg data synth ct --out data/ct           synthetic CT phantoms (MSD layout)
+  medseg data check --config configs/x.yaml    list every problem in a dataset
+  medseg config show --config configs/x.yaml   the resolved config with all defaults
+
+Run `medseg COMMAND --help` for the options of each command.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medseg.cli import config_cmd, data_cmd, info_cmd
+
+    parser = argparse.ArgumentParser(
+        prog="medseg", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"medseg {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    info_cmd.register(sub)
+    data_cmd.register(sub)
+    config_cmd.register(sub)
+    return parser
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``medseg`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None or not hasattr(args, "func"):
+        # `medseg` or `medseg data` alone: show the relevant help
+        (getattr(args, "_subparser", None) or parser).print_help()
+        return 0 if args.command is None else 2
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except MedsegError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last-resort handler of the CLI
+        if args.debug:
+            raise
+        print(
+            f"unexpected error: {type(exc).__name__}: {exc}\n(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
