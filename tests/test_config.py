@@ -48,6 +48,7 @@ def test_chest_config_is_sigmoid_and_ct_configs_softmax() -> None:
         "left_kidney": 3,
         "right_kidney": 4,
         "aorta": 5,
+        "spine": 6,
     }
 
 
