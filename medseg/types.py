@@ -135,7 +135,8 @@ def same_physical_grid(
     """True if two grids have the same set of voxel-centre positions in world space.
 
     Grids that store the same voxels in a different axis order or direction (e.g. rows flipped)
-    compare equal. Spacing per world direction must match as well as the corner positions.
+    compare equal. Spacing per world direction must match as well as the corner positions, except
+    along axes of length 1, whose step vector does not change any voxel-centre position.
     """
     if sorted(shape_a) != sorted(shape_b):
         return False
@@ -145,10 +146,24 @@ def same_physical_grid(
     d = np.linalg.norm(pa[:, None, :] - pb[None, :, :], axis=-1)
     if not np.all(d.min(axis=1) <= atol_mm) or not np.all(d.min(axis=0) <= atol_mm):
         return False
-    # step vectors must be the same set up to sign
+    # step vectors must match up to sign, each axis with an unused axis of the same length. A size-1
+    # axis has no step between voxel centres, so its column (slice thickness, direction) is ignored.
     sa = np.asarray(affine_a)[:3, : len(shape_a)].T
     sb = np.asarray(affine_b)[:3, : len(shape_b)].T
-    for v in sa:
-        if not any(np.allclose(v, w, atol=atol_mm) or np.allclose(v, -w, atol=atol_mm) for w in sb):
+    unused = [j for j, n in enumerate(shape_b) if n > 1]
+    for i, n in enumerate(shape_a):
+        if n == 1:
+            continue
+        match = next(
+            (
+                j
+                for j in unused
+                if shape_b[j] == n
+                and (np.allclose(sa[i], sb[j], atol=atol_mm) or np.allclose(sa[i], -sb[j], atol=atol_mm))
+            ),
+            None,
+        )
+        if match is None:
             return False
+        unused.remove(match)
     return True

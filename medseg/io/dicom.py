@@ -1,0 +1,802 @@
+"""Reading DICOM: series folders (classic one-slice-per-file and enhanced multi-frame) and single files.
+
+Who does what:
+
+* **pydicom** reads the headers (``stop_before_pixels``): series grouping, modality/description,
+  ``ImagePositionPatient`` / ``ImageOrientationPatient`` / ``PixelSpacing`` of every slice, and the
+  per-frame functional groups of enhanced multi-frame objects (``PlanePositionSequence``,
+  ``PlaneOrientationSequence``, ``PixelMeasuresSequence``, ``PixelValueTransformationSequence``).
+* **SimpleITK/GDCM** decodes the pixel data of each file (all transfer syntaxes GDCM knows, JPEG 2000
+  included) and applies the file's rescale slope/intercept. Files are read one by one with
+  ``sitk.ReadImage`` in the order computed here rather than with ``ImageSeriesReader``: each slice
+  keeps its own rescale, a decoding error names the file, and ITK's own sorting and spacing estimate
+  (which does not check uniformity) never decide the geometry. ITK (>= 5.1) also converts MONOCHROME1 to
+  the MONOCHROME2 convention (``2**BitsStored - 1 - value`` before rescaling); this module does not
+  invert again, it only records the conversion in ``meta``.
+* **This module** (hand-written) sorts the slices along the slice normal and builds the voxel-to-RAS
+  affine itself, and refuses stacks that a single affine cannot describe. GDCM/ITK only *warn* (on
+  stderr) about non-uniform sampling and silently shear or stretch gantry-tilted stacks, so the checks
+  are done here, with :class:`~medseg.errors.DataError` messages that say what to do:
+
+  - every slice must share one orientation, pixel spacing and matrix size;
+  - gaps between consecutive slice positions (along the normal) must all equal the median gap within
+    ``max(SPACING_RTOL * median, SPACING_ATOL_MM)`` (1 %, at least 0.01 mm for positions written with
+    two decimals): a missing slice or an irregular stack is refused;
+  - two frames at the same position (several echoes/time points in one series) are refused;
+  - every slice position must lie on the line through the first one along the image-plane normal,
+    within ``max(TILT_TOL_PIXELS * pixel spacing, TILT_ATOL_MM)`` (5 % of a pixel, at least 0.02 mm)
+    in-plane; otherwise the stack is gantry-tilted and refused with the tilt angle in degrees. (An
+    angular tolerance alone would be wrong both ways: header rounding over a 1 mm stack looks like
+    hundredths of a degree, while 0.05 degrees over a 500 mm CT shifts the last slice by 0.4 mm.)
+
+Series discovery (:func:`list_dicom_series`) looks at the files directly inside the folder, **not
+recursively** (a nested export is reported with the names of the sub-folders that hold DICOM files):
+this keeps "one folder = the series I pointed at" predictable, and avoids merging copies of the same
+series stored in sibling folders.
+
+Axis convention: see :mod:`medseg.types`. ``i`` runs along image columns (DICOM row direction, first
+three ``ImageOrientationPatient`` values, step ``PixelSpacing[1]``), ``j`` along rows (step
+``PixelSpacing[0]``), ``k`` along the slice normal ``row x col`` in increasing position.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import DataError
+from medseg.types import Volume
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DicomSeries",
+    "list_dicom_series",
+    "read_dicom_series",
+    "read_dicom_file",
+    "PROJECTION_MODALITIES",
+]
+
+#: Modalities read as 2D projection images in the pixel frame (no patient geometry).
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "RG", "PX", "IO", "XA", "RF"})
+#: Largest allowed deviation of a slice gap from the median gap, relative to the median gap ...
+SPACING_RTOL = 1e-2
+#: ... and its absolute floor in mm (positions rounded to two decimals).
+SPACING_ATOL_MM = 1e-2
+#: Largest allowed in-plane offset of a slice position from the normal line, in pixels ...
+TILT_TOL_PIXELS = 0.05
+#: ... and its absolute floor in mm.
+TILT_ATOL_MM = 0.02
+#: Largest allowed difference between direction cosines of slices of one stack.
+ORIENTATION_ATOL = 1e-3
+_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series found in a folder.
+
+    Attributes:
+        uid: SeriesInstanceUID; an empty string when the files carry none (anonymised exports).
+        files: The series' files, sorted by position along the slice normal (by InstanceNumber when
+            the files have no position).
+        modality: DICOM Modality (``CT``, ``MR``, ``DX`` ...); empty when absent.
+        description: SeriesDescription; empty when absent.
+        n_files: Number of files (a multi-frame file counts once).
+    """
+
+    uid: str
+    files: tuple[Path, ...]
+    modality: str
+    description: str
+    n_files: int
+
+    def describe(self) -> str:
+        """One line for listings: UID, modality, description and file count."""
+        uid = self.uid or '"" (empty SeriesInstanceUID)'
+        desc = f'"{self.description}"' if self.description else "(no description)"
+        return f"{uid}  {self.modality or '?'}  {desc}  {self.n_files} file(s)"
+
+
+@dataclass(frozen=True)
+class _Plane:
+    """Geometry of one frame (slice) in LPS millimetres."""
+
+    position: np.ndarray  # ImagePositionPatient: centre of the first transmitted pixel
+    row: np.ndarray  # unit vector of increasing column index (i)
+    col: np.ndarray  # unit vector of increasing row index (j)
+    spacing: tuple[float, float]  # (along row = between columns, along col = between rows)
+    thickness: float | None  # SpacingBetweenSlices or SliceThickness, for single-slice stacks
+    spacing_known: bool = True  # False when PixelSpacing was absent and 1 mm was assumed
+
+    @property
+    def normal(self) -> np.ndarray:
+        n = np.cross(self.row, self.col)
+        return n / np.linalg.norm(n)
+
+
+# --------------------------------------------------------------------------------------------------
+# headers
+
+
+def _read_header(path: Path) -> Any | None:
+    """pydicom dataset without pixel data, or None if ``path`` is not a DICOM file."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=True)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        logger.debug("skipping %s: not readable as DICOM (%s)", path, exc)
+        return None
+
+
+def _text(ds: Any, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def _floats(value: Any, n: int, *, where: str, keyword: str) -> np.ndarray:
+    try:
+        out = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{where}: {keyword} is not numeric (found {value!r})") from exc
+    if out.shape != (n,) or not np.all(np.isfinite(out)):
+        raise DataError(f"{where}: {keyword} must have {n} finite numbers, found {value!r}")
+    return out
+
+
+def _n_frames(ds: Any) -> int:
+    try:
+        return max(int(ds.get("NumberOfFrames", 1) or 1), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def _is_image(ds: Any) -> bool:
+    return "Rows" in ds and "Columns" in ds and _text(ds, "SOPClassUID") != _DICOMDIR_SOP_CLASS
+
+
+def _is_projection(ds: Any) -> bool:
+    """True for 2D projection radiographs and for images without any patient geometry."""
+    if _text(ds, "Modality").upper() in PROJECTION_MODALITIES:
+        return True
+    if "ImagePositionPatient" in ds:
+        return False
+    pf = ds.get("PerFrameFunctionalGroupsSequence")
+    sh = ds.get("SharedFunctionalGroupsSequence")
+    has_plane = any(
+        seq is not None and len(seq) > 0 and "PlanePositionSequence" in seq[0] for seq in (pf, sh)
+    )
+    return not has_plane
+
+
+def _group_item(ds: Any, frame: int, sequence: str) -> Any | None:
+    """First item of functional-group ``sequence`` for ``frame`` (per-frame first, then shared)."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        seq = ds.get(groups)
+        if seq is None or len(seq) <= index:
+            continue
+        item = seq[index]
+        if sequence in item and len(item[sequence].value) > 0:
+            return item[sequence].value[0]
+    return None
+
+
+def _plane_from(position: Any, orientation: Any, spacing: Any, thickness: Any, *, where: str) -> _Plane:
+    if position is None or orientation is None:
+        missing = "ImagePositionPatient" if position is None else "ImageOrientationPatient"
+        raise DataError(
+            f"{where}: no {missing}, so the slice cannot be placed in patient space. A 3D series needs "
+            "ImagePositionPatient and ImageOrientationPatient in every slice; read 2D images one file "
+            "at a time (medseg.io.dicom.read_dicom_file)."
+        )
+    pos = _floats(position, 3, where=where, keyword="ImagePositionPatient")
+    iop = _floats(orientation, 6, where=where, keyword="ImageOrientationPatient")
+    row, col = iop[:3], iop[3:]
+    nr, nc = np.linalg.norm(row), np.linalg.norm(col)
+    if nr < 1e-6 or nc < 1e-6 or abs(float(row @ col)) / (nr * nc) > 1e-2:
+        raise DataError(
+            f"{where}: ImageOrientationPatient {list(iop)} does not hold two orthogonal unit vectors; "
+            "the header is corrupt (re-export the series)"
+        )
+    if spacing is None:
+        ps = (1.0, 1.0)
+    else:
+        s = _floats(spacing, 2, where=where, keyword="PixelSpacing")
+        if np.any(s <= 0):
+            raise DataError(f"{where}: PixelSpacing must be positive, found {list(s)}")
+        ps = (float(s[1]), float(s[0]))
+    thick = None
+    if thickness is not None:
+        try:
+            thick = float(thickness)
+        except (TypeError, ValueError):
+            thick = None
+        if thick is not None and not (math.isfinite(thick) and thick > 0):
+            thick = None
+    return _Plane(pos, row / nr, col / nc, ps, thick, spacing is not None)
+
+
+def _slice_thickness(item: Any) -> Any:
+    if item is None:
+        return None
+    sbs = item.get("SpacingBetweenSlices")
+    return sbs if sbs not in (None, "") else item.get("SliceThickness")
+
+
+def _classic_plane(ds: Any, *, where: str) -> _Plane:
+    return _plane_from(
+        ds.get("ImagePositionPatient"),
+        ds.get("ImageOrientationPatient"),
+        ds.get("PixelSpacing"),
+        _slice_thickness(ds),
+        where=where,
+    )
+
+
+def _multiframe_planes(ds: Any, *, where: str) -> list[_Plane]:
+    """Per-frame geometry of an enhanced multi-frame object (or a legacy multi-frame with top-level
+    IPP/IOP and ``SpacingBetweenSlices``, e.g. NM)."""
+    n = _n_frames(ds)
+    planes = []
+    for f in range(n):
+        pos_item = _group_item(ds, f, "PlanePositionSequence")
+        ori_item = _group_item(ds, f, "PlaneOrientationSequence")
+        pix_item = _group_item(ds, f, "PixelMeasuresSequence")
+        position = pos_item.get("ImagePositionPatient") if pos_item is not None else None
+        orientation = ori_item.get("ImageOrientationPatient") if ori_item is not None else None
+        spacing = pix_item.get("PixelSpacing") if pix_item is not None else None
+        thickness = _slice_thickness(pix_item)
+        if position is None and n > 1:
+            raise DataError(
+                f"{where}: multi-frame file with {n} frames but no per-frame PlanePositionSequence, so the "
+                "frames cannot be placed in space (a cine or time series, or a legacy NM/RT-dose object). "
+                "Only enhanced multi-frame images (CT/MR/PET) are read as 3D volumes; convert others with "
+                "dcm2niix first."
+            )
+        planes.append(
+            _plane_from(
+                position if position is not None else ds.get("ImagePositionPatient"),
+                orientation if orientation is not None else ds.get("ImageOrientationPatient"),
+                spacing if spacing is not None else ds.get("PixelSpacing"),
+                thickness if thickness is not None else _slice_thickness(ds),
+                where=f"{where} (frame {f + 1})",
+            )
+        )
+    return planes
+
+
+def _rescale(ds: Any, frame: int | None = None) -> tuple[float, float]:
+    """(slope, intercept) of a file or of one frame of a multi-frame file; (1, 0) when absent."""
+    item = _group_item(ds, frame, "PixelValueTransformationSequence") if frame is not None else None
+    src = item if item is not None and "RescaleSlope" in item else ds
+    try:
+        slope = float(src.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(src.get("RescaleIntercept", 0.0) or 0.0)
+    except (TypeError, ValueError):
+        return 1.0, 0.0
+    return slope, intercept
+
+
+# --------------------------------------------------------------------------------------------------
+# series discovery
+
+
+def _scan(folder: Path) -> list[tuple[DicomSeries, list[Any]]]:
+    """Group the DICOM image files directly inside ``folder`` by SeriesInstanceUID."""
+    if not folder.exists():
+        raise DataError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder (to read one DICOM file use read_dicom_file)")
+    groups: dict[str, list[tuple[Path, Any]]] = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        ds = _read_header(path)
+        if ds is None or not _is_image(ds):
+            continue
+        groups.setdefault(_text(ds, "SeriesInstanceUID"), []).append((path, ds))
+    out = []
+    for uid, members in groups.items():
+        members = _sort_members(members)
+        first = members[0][1]
+        series = DicomSeries(
+            uid=uid,
+            files=tuple(p for p, _ in members),
+            modality=_text(first, "Modality"),
+            description=_text(first, "SeriesDescription"),
+            n_files=len(members),
+        )
+        out.append((series, [ds for _, ds in members]))
+    out.sort(key=lambda item: (item[0].modality, item[0].description, item[0].uid))
+    return out
+
+
+def _sort_members(members: list[tuple[Path, Any]]) -> list[tuple[Path, Any]]:
+    """Sort (path, header) pairs by position along the first file's slice normal, else by
+    InstanceNumber, then by file name."""
+
+    def instance(ds: Any) -> int:
+        try:
+            return int(ds.get("InstanceNumber", 0) or 0)
+        except (TypeError, ValueError):
+            return 0
+
+    try:
+        iop = _floats(members[0][1].ImageOrientationPatient, 6, where="", keyword="")
+        normal = np.cross(iop[:3], iop[3:])
+        keys = [
+            float(_floats(ds.ImagePositionPatient, 3, where="", keyword="") @ normal) for _, ds in members
+        ]
+    except (AttributeError, DataError):
+        keys = [0.0] * len(members)
+    order = sorted(range(len(members)), key=lambda i: (keys[i], instance(members[i][1]), members[i][0].name))
+    return [members[i] for i in order]
+
+
+def _subfolders_with_dicom(folder: Path, limit: int = 10) -> list[str]:
+    from medseg.io import is_dicom_file
+
+    found = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = [p for p in sorted(sub.iterdir())[:50] if p.is_file()]
+        if any(is_dicom_file(p) for p in files[:20]):
+            found.append(sub.name + "/")
+            if len(found) >= limit:
+                break
+    return found
+
+
+def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
+    """List the DICOM image series stored directly in ``folder`` (not in sub-folders).
+
+    Non-DICOM files, ``DICOMDIR`` and DICOM objects without an image (structured reports, RT
+    structure sets) are ignored.
+
+    Args:
+        folder: A folder of DICOM files.
+
+    Returns:
+        One :class:`DicomSeries` per SeriesInstanceUID (files without one form the series with
+        ``uid == ""``), sorted by modality, description and UID. Empty if there are no DICOM images.
+
+    Raises:
+        DataError: ``folder`` does not exist or is not a folder.
+    """
+    return [series for series, _ in _scan(Path(folder))]
+
+
+def _series_listing(series: Sequence[DicomSeries]) -> str:
+    return "\n".join(f"  - {s.describe()}" for s in series)
+
+
+def _select_series(folder: Path, series_uid: str | None) -> tuple[DicomSeries, list[Any]]:
+    found = _scan(folder)
+    if not found:
+        subs = _subfolders_with_dicom(folder)
+        hint = (
+            f" DICOM files were found in sub-folders {', '.join(subs)}: pass one of them (series are "
+            "not searched recursively)."
+            if subs
+            else " Expected a folder holding the files of one DICOM series (one file per slice, or one "
+            "multi-frame file)."
+        )
+        raise DataError(f"{folder}: no DICOM image files directly in this folder.{hint}")
+    if series_uid is not None:
+        for series, headers in found:
+            if series.uid == series_uid.strip():
+                return series, headers
+        raise DataError(
+            f"{folder}: no series with SeriesInstanceUID {series_uid!r}. Available series:\n"
+            f"{_series_listing([s for s, _ in found])}\nPass one of these UIDs with --series-uid."
+        )
+    if len(found) > 1:
+        raise DataError(
+            f"{folder}: found {len(found)} DICOM series in one folder; choose one with --series-uid UID "
+            f"(series_uid= in Python). Series (UID, modality, description, files):\n"
+            f"{_series_listing([s for s, _ in found])}"
+        )
+    return found[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# geometry
+
+
+def _stack_geometry(planes: Sequence[_Plane], *, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Order of the frames along the slice normal and the voxel-to-RAS affine of the sorted stack.
+
+    Raises:
+        DataError: mixed orientations/spacings, duplicate positions, uneven gaps or gantry tilt.
+    """
+    ref = planes[0]
+    for k, p in enumerate(planes[1:], start=1):
+        if not (
+            np.allclose(p.row, ref.row, atol=ORIENTATION_ATOL)
+            and np.allclose(p.col, ref.col, atol=ORIENTATION_ATOL)
+        ):
+            raise DataError(
+                f"{where}: slices have different orientations (ImageOrientationPatient "
+                f"{np.round(np.r_[ref.row, ref.col], 5).tolist()} in slice 1, "
+                f"{np.round(np.r_[p.row, p.col], 5).tolist()} in slice {k + 1}). The series mixes several "
+                "stacks (e.g. a 3-plane localizer); export each stack as its own series."
+            )
+        if not np.allclose(p.spacing, ref.spacing, rtol=1e-4, atol=1e-6):
+            raise DataError(
+                f"{where}: slices have different PixelSpacing ({ref.spacing[::-1]} mm in slice 1, "
+                f"{p.spacing[::-1]} mm in slice {k + 1}); one series must have one in-plane grid."
+            )
+    if not ref.spacing_known:
+        warnings.warn(f"{where}: no PixelSpacing in the header; assuming 1 mm pixels", stacklevel=3)
+    normal = ref.normal
+    positions = np.stack([p.position for p in planes])
+    dist = positions @ normal
+    order = np.argsort(dist, kind="stable")
+    dist_sorted = dist[order]
+    pos_sorted = positions[order]
+    n = len(planes)
+    if n == 1:
+        slice_step = normal * (ref.thickness or 1.0)
+    else:
+        gaps = np.diff(dist_sorted)
+        extent = float(dist_sorted[-1] - dist_sorted[0])
+        median_gap = float(np.median(gaps))
+        tiny = max(1e-3, 1e-3 * float(min(ref.spacing)))
+        dupes = np.flatnonzero(gaps < tiny)
+        if len(dupes):
+            where_dup = ", ".join(f"{dist_sorted[i]:.3f}" for i in dupes[:5])
+            raise DataError(
+                f"{where}: several frames share a position ({len(planes)} frames at "
+                f"{len(planes) - len(dupes)} distinct positions; repeated at {where_dup} mm along the "
+                "slice normal): the series holds several volumes (echoes, "
+                "time points, b-values) or duplicated files. Split them into one folder per volume, or "
+                "convert with dcm2niix, which writes one file per volume."
+            )
+        # tilt: every slice position must lie on the line through the first along the normal
+        rel = pos_sorted - pos_sorted[0]
+        off = np.linalg.norm(rel - np.outer(rel @ normal, normal), axis=1)
+        tilt_tol = max(TILT_TOL_PIXELS * float(min(ref.spacing)), TILT_ATOL_MM)
+        worst = int(np.argmax(off))
+        if off[worst] > tilt_tol:
+            travel = pos_sorted[-1] - pos_sorted[0]
+            tilt = math.degrees(math.acos(float(np.clip(travel @ normal / np.linalg.norm(travel), -1, 1))))
+            raise DataError(
+                f"{where}: gantry tilt of {tilt:.2f} degrees: the slice positions advance along "
+                f"{np.round(travel / np.linalg.norm(travel), 4).tolist()} (LPS) but the image planes' normal "
+                f"is {np.round(normal, 4).tolist()}, so slice {worst + 1} lies {off[worst]:.3g} mm off the "
+                f"stack axis (tolerance {tilt_tol:.3g} mm) and one affine cannot describe the stack. Convert "
+                "with dcm2niix (it corrects gantry tilt by resampling) and load the NIfTI, or re-export the "
+                "series without tilt."
+            )
+        bad = np.flatnonzero(np.abs(gaps - median_gap) > max(SPACING_RTOL * median_gap, SPACING_ATOL_MM))
+        if len(bad):
+            details = "; ".join(
+                f"gap {gaps[i]:.4g} mm between slices at {dist_sorted[i]:.4f} and {dist_sorted[i + 1]:.4f} mm"
+                + (
+                    f" (~{round(gaps[i] / median_gap) - 1} missing slice(s))"
+                    if gaps[i] > 1.5 * median_gap
+                    else ""
+                )
+                for i in bad[:5]
+            )
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise DataError(
+                f"{where}: slice spacing is not uniform: expected every gap between consecutive slices "
+                f"to be {median_gap:.4g} mm (the median gap, +-{100 * SPACING_RTOL:g} %), found "
+                f"{details}{more} (positions along the slice normal). Check that the folder holds the "
+                "complete series (re-export it), or convert with a tool that resamples irregular stacks "
+                "(e.g. dcm2niix)."
+            )
+        slice_step = normal * (extent / (n - 1))
+    lps = np.eye(4)
+    lps[:3, 0] = ref.row * ref.spacing[0]
+    lps[:3, 1] = ref.col * ref.spacing[1]
+    lps[:3, 2] = slice_step
+    lps[:3, 3] = pos_sorted[0]
+    return order, _LPS_TO_RAS @ lps
+
+
+# --------------------------------------------------------------------------------------------------
+# pixel data
+
+
+def _check_native_length(path: Path, ds: Any) -> None:
+    """Refuse uncompressed pixel data shorter than the header promises: GDCM decodes such files
+    without complaint, filling the missing pixels with whatever follows in memory."""
+    import pydicom
+
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is None or ts.is_compressed:
+        return
+    try:
+        elem = pydicom.dcmread(str(path), defer_size=1024).get_item("PixelData")
+    except Exception:  # unreadable files are reported by the decoder below
+        return
+    if elem is None:
+        return
+    length = elem.length if hasattr(elem, "length") else len(elem.value or b"")
+    try:
+        n_values = int(ds.Rows) * int(ds.Columns) * _n_frames(ds) * int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return
+    expected = (n_values + 7) // 8 if bits == 1 else n_values * bits // 8
+    if length < expected:
+        raise DataError(
+            f"{path}: pixel data is truncated ({length} bytes, expected {expected} for {ds.Rows} x "
+            f"{ds.Columns} pixels x {_n_frames(ds)} frame(s) at {bits} bits); the file is incomplete. "
+            "Copy or export it again."
+        )
+
+
+def _read_pixels(path: Path, ds: Any) -> np.ndarray:
+    """Decoded, rescaled pixels of one file as SimpleITK gives them: ``(F, Y, X)`` or ``(F, Y, X, C)``."""
+    import SimpleITK as sitk
+
+    _check_native_length(path, ds)
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        ts_name = getattr(ts, "name", str(ts)) if ts is not None else "unknown"
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"{path}: cannot decode the pixel data (transfer syntax {ts_name}): {reason}. The file may be "
+            "truncated or use a compression GDCM cannot decode; try `gdcmconv --raw` or dcm2niix."
+        ) from exc
+    arr = sitk.GetArrayFromImage(img)
+    ncomp = img.GetNumberOfComponentsPerPixel()
+    spatial = arr.ndim - (1 if ncomp > 1 else 0)
+    if spatial == 2:
+        arr = arr[None]
+    elif spatial == 4:  # (1, F, Y, X): some multi-frame objects come back 4D
+        arr = arr.reshape(arr.shape[1:])
+    return arr
+
+
+def _stack_to_volume_array(frames: np.ndarray, integral: bool) -> np.ndarray:
+    """``(Z, Y, X[, C])`` SimpleITK frames -> ``(C, X, Y, Z)`` with the output dtype policy:
+    integral rescale -> the smallest of int16/uint16/int32 (uint8 for colour) holding the values,
+    otherwise float32."""
+    if frames.ndim == 4:
+        arr = np.transpose(frames, (3, 2, 1, 0))
+    else:
+        arr = np.transpose(frames, (2, 1, 0))[None]
+    if integral:
+        if np.issubdtype(arr.dtype, np.floating):
+            arr = np.rint(arr)
+        lo = arr.min() if arr.size else 0
+        hi = arr.max() if arr.size else 0
+        candidates = (
+            (np.uint8, np.int16, np.uint16, np.int32) if arr.shape[0] > 1 else (np.int16, np.uint16, np.int32)
+        )
+        dtype = next(
+            (np.dtype(t) for t in candidates if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max), None
+        )
+        if dtype is None:
+            dtype = np.dtype(np.float64)
+        arr = arr.astype(dtype, copy=False)
+    else:
+        arr = arr.astype(np.float32, copy=False)
+    return np.ascontiguousarray(arr)
+
+
+def _is_integral(rescales: Sequence[tuple[float, float]]) -> bool:
+    return all(float(s).is_integer() and float(i).is_integer() for s, i in rescales)
+
+
+# --------------------------------------------------------------------------------------------------
+# meta
+
+
+def _meta(ds: Any, *, source: Path, n_slices: int, rescales: Sequence[tuple[float, float]]) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "source": str(source),
+        "format": "dicom",
+        "series_uid": _text(ds, "SeriesInstanceUID"),
+        "modality": _text(ds, "Modality"),
+        "series_description": _text(ds, "SeriesDescription"),
+        "patient_id": _text(ds, "PatientID"),
+        "n_slices": int(n_slices),
+    }
+    optional = {
+        "study_uid": "StudyInstanceUID",
+        "frame_of_reference_uid": "FrameOfReferenceUID",
+        "study_date": "StudyDate",
+        "acquisition_date": "AcquisitionDate",
+        "manufacturer": "Manufacturer",
+        "photometric_interpretation": "PhotometricInterpretation",
+    }
+    for key, keyword in optional.items():
+        value = _text(ds, keyword)
+        if value:
+            meta[key] = value
+    if "acquisition_date" not in meta and _text(ds, "AcquisitionDateTime"):
+        meta["acquisition_date"] = _text(ds, "AcquisitionDateTime")[:8]
+    if rescales and len(set(rescales)) == 1:
+        meta["rescale_slope"], meta["rescale_intercept"] = rescales[0]
+    if _text(ds, "PhotometricInterpretation") == "MONOCHROME1":
+        meta["monochrome1_inverted"] = True
+    return meta
+
+
+# --------------------------------------------------------------------------------------------------
+# public readers
+
+
+def read_dicom_series(folder: str | Path, *, series_uid: str | None = None) -> Volume:
+    """Read one DICOM series from a folder into a 3D :class:`~medseg.types.Volume`.
+
+    Slices are sorted by position along the slice normal and checked (see the module docstring);
+    rescale slope/intercept are applied (CT in HU). The array is integer (int16, uint16 or int32, the
+    smallest that holds the values) when every slope and intercept is a whole number, float32
+    otherwise. A series of one file is read with :func:`read_dicom_file` (a single slice gives
+    ``Z == 1`` with the spacing from SpacingBetweenSlices/SliceThickness, a multi-frame file gives a
+    volume, a projection radiograph a 2D image).
+
+    Args:
+        folder: Folder holding the series' files (not searched recursively).
+        series_uid: SeriesInstanceUID to read when the folder holds several series (``""`` selects
+            files without a SeriesInstanceUID).
+
+    Returns:
+        A Volume ``(1, X, Y, Z)`` (``(C, X, Y, Z)`` for colour) with a voxel-to-RAS affine. ``meta``
+        has ``source``, ``format`` ("dicom"), ``series_uid``, ``modality``, ``series_description``,
+        ``patient_id`` (raw), ``n_slices`` and, when present, ``study_date``, ``acquisition_date``,
+        ``study_uid``, ``frame_of_reference_uid``, ``rescale_slope``/``rescale_intercept``.
+
+    Raises:
+        DataError: No DICOM images, several series and no ``series_uid``, unknown ``series_uid``,
+            slices that do not form a regular stack (missing slice, uneven spacing, gantry tilt, mixed
+            orientations, several volumes in one series) or undecodable pixel data.
+    """
+    folder = Path(folder)
+    series, headers = _select_series(folder, series_uid)
+    if series.n_files == 1:
+        vol = read_dicom_file(series.files[0])
+        return Volume(
+            vol.array, vol.affine, {**vol.meta, "source": str(folder), "file": str(series.files[0])}
+        )
+    multi = [p.name for p, ds in zip(series.files, headers, strict=True) if _n_frames(ds) > 1]
+    if multi:
+        raise DataError(
+            f"{folder}: the series has {series.n_files} files of which {len(multi)} are multi-frame "
+            f"({', '.join(multi[:3])}{'...' if len(multi) > 3 else ''}); series of several multi-frame "
+            "files are not supported. Read one file with read_dicom_file, or convert with dcm2niix."
+        )
+    shapes = {(int(ds.Rows), int(ds.Columns)) for ds in headers}
+    if len(shapes) > 1:
+        raise DataError(
+            f"{folder}: slices have different matrix sizes (Rows x Columns {sorted(shapes)}); one series "
+            "must have one in-plane grid. The folder may mix several series with the same UID."
+        )
+    planes = [_classic_plane(ds, where=str(p)) for p, ds in zip(series.files, headers, strict=True)]
+    order, affine = _stack_geometry(planes, where=str(folder))
+    files = [series.files[i] for i in order]
+    hdrs = [headers[i] for i in order]
+    rescales = [_rescale(ds) for ds in hdrs]
+    frames = []
+    for path, ds in zip(files, hdrs, strict=True):
+        px = _read_pixels(path, ds)
+        if px.shape[0] != 1:
+            raise DataError(f"{path}: expected one frame, SimpleITK decoded {px.shape[0]}")
+        frames.append(px[0])
+    try:
+        stacked = np.stack(frames)
+    except ValueError as exc:  # decoded sizes disagree with the headers
+        raise DataError(f"{folder}: decoded slices have different shapes ({exc})") from exc
+    array = _stack_to_volume_array(stacked, _is_integral(rescales))
+    meta = _meta(hdrs[0], source=folder, n_slices=len(files), rescales=rescales)
+    return Volume(array, affine, meta)
+
+
+def read_dicom_file(path: str | Path) -> Volume:
+    """Read a single DICOM file.
+
+    * 2D projection radiographs (Modality CR/DX/MG/RG/PX/IO/XA/RF, or no ImagePositionPatient):
+      a 2D Volume ``(C, X, Y)`` in the pixel frame with affine ``diag(sx, sy, 1, 1)`` — ``sx`` the
+      spacing between columns, ``sy`` between rows, from PixelSpacing, else ImagerPixelSpacing, else
+      1 (``meta['spacing_source']`` says which). MONOCHROME1 images come back in the MONOCHROME2
+      convention (high = bright; ``meta['monochrome1_inverted']``).
+    * A single CT/MR slice: a 3D Volume with ``Z == 1``.
+    * An (enhanced) multi-frame image: a 3D Volume built from the per-frame functional groups,
+      frames sorted along the slice normal and checked like a series.
+
+    Args:
+        path: The DICOM file.
+
+    Returns:
+        The Volume; ``meta`` as in :func:`read_dicom_series` plus ``file``.
+
+    Raises:
+        DataError: Not a DICOM image, geometry that one affine cannot describe, or undecodable pixels.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"{path}: no such file" + (" (it is a folder: use read_dicom_series)" if path.is_dir() else "")
+        )
+    ds = _read_header(path)
+    if ds is None:
+        raise DataError(f"{path}: not a DICOM file (pydicom cannot parse it); expected a DICOM image file")
+    if not _is_image(ds):
+        raise DataError(
+            f"{path}: DICOM object without an image (Modality {_text(ds, 'Modality') or '?'}, SOP class "
+            f"{_text(ds, 'SOPClassUID') or '?'}); expected an image such as CT, MR or a radiograph"
+        )
+    n = _n_frames(ds)
+    if _is_projection(ds):
+        if n > 1:
+            raise DataError(
+                f"{path}: {n}-frame projection image (cine/fluoroscopy, Modality {_text(ds, 'Modality')}); "
+                "only single-frame 2D images are supported. Export the frame you need as its own file."
+            )
+        return _read_projection(path, ds)
+    if n > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        planes = _multiframe_planes(ds, where=str(path))
+        rescales = [_rescale(ds, f) for f in range(n)]
+    else:
+        planes = [_classic_plane(ds, where=str(path))]
+        rescales = [_rescale(ds)]
+    order, affine = _stack_geometry(planes, where=str(path))
+    px = _read_pixels(path, ds)
+    if px.shape[0] != n:
+        raise DataError(f"{path}: header says {n} frame(s), SimpleITK decoded {px.shape[0]}")
+    if len(set(rescales)) > 1:
+        px = _per_frame_rescale(path, ds, rescales, px)
+    array = _stack_to_volume_array(px[order], _is_integral(rescales))
+    meta = _meta(ds, source=path, n_slices=n, rescales=rescales)
+    meta["file"] = str(path)
+    return Volume(array, affine, meta)
+
+
+def _per_frame_rescale(
+    path: Path, ds: Any, rescales: Sequence[tuple[float, float]], px: np.ndarray
+) -> np.ndarray:
+    """Frames with different slope/intercept. GDCM applies the first frame's rescale to every frame,
+    so take the stored values from pydicom instead and apply each frame's own rescale."""
+    import pydicom
+
+    if _text(ds, "PhotometricInterpretation") != "MONOCHROME2" or px.ndim != 3:
+        raise DataError(
+            f"{path}: frames with different rescale slopes/intercepts are only supported for MONOCHROME2 "
+            f"images (found {_text(ds, 'PhotometricInterpretation') or '?'})"
+        )
+    try:
+        stored = np.asarray(pydicom.dcmread(str(path)).pixel_array, dtype=np.float64)
+    except Exception as exc:  # pydicom raises many types for missing decoders
+        raise DataError(
+            f"{path}: its frames have different rescale slopes/intercepts and pydicom cannot decode the "
+            f"pixel data to apply them ({type(exc).__name__}: {exc}). Decompress it first (`gdcmconv --raw`) "
+            "or install a pydicom pixel-data plugin (pylibjpeg)."
+        ) from exc
+    stored = stored.reshape(px.shape)
+    slopes = np.array([s for s, _ in rescales])[:, None, None]
+    icpts = np.array([i for _, i in rescales])[:, None, None]
+    return stored * slopes + icpts
+
+
+def _read_projection(path: Path, ds: Any) -> Volume:
+    spacing, source = None, "default"
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        if ds.get(keyword) not in (None, ""):
+            s = _floats(ds.get(keyword), 2, where=str(path), keyword=keyword)
+            if np.all(s > 0):
+                spacing, source = s, keyword
+                break
+    sy, sx = (float(spacing[0]), float(spacing[1])) if spacing is not None else (1.0, 1.0)
+    px = _read_pixels(path, ds)
+    if px.shape[0] != 1:
+        raise DataError(f"{path}: expected one frame, SimpleITK decoded {px.shape[0]}")
+    rescale = _rescale(ds)
+    arr3 = _stack_to_volume_array(px, _is_integral([rescale]))  # (C, X, Y, 1)
+    meta = _meta(ds, source=path, n_slices=1, rescales=[rescale])
+    meta.update({"file": str(path), "spacing_source": source})
+    return Volume(np.ascontiguousarray(arr3[..., 0]), np.diag([sx, sy, 1.0, 1.0]), meta)
