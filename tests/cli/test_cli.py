@@ -155,3 +155,18 @@ def test_synth_then_check_with_demo_configs(tmp_path: Path, capsys: pytest.Captu
     # refuses to write into a non-empty folder
     assert main(["data", "synth", "ct", "--out", str(ct), "--cases", "1", "--no-progress"]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_info_on_real_dicom_matches_label_grid(real_data: Path, capsys: pytest.CaptureFixture) -> None:
+    """`medseg info` on the TotalSegmentator DICOM series describes the grid of its label map."""
+    from medseg.types import same_physical_grid
+
+    base = real_data / "ct_totalsegmentator"
+    assert main(["info", str(base / "example_ct_dicom"), "--json"]) == 0
+    dcm = json.loads(capsys.readouterr().out)
+    assert main(["info", str(base / "example_seg_dicom.nii.gz"), "--json"]) == 0
+    seg = json.loads(capsys.readouterr().out)
+    assert dcm["shape"] == [512, 512, 20] and dcm["orientation"] == "LPS"
+    assert seg["orientation"] == "LAS"  # rows stored in the opposite order
+    assert same_physical_grid(dcm["shape"], np.array(dcm["affine"]), seg["shape"], np.array(seg["affine"]))
+    assert dcm["min"] < -500 < dcm["max"]
