@@ -1,0 +1,612 @@
+"""U-Net family for 2D and 3D segmentation, the ``MODELS`` registry and :func:`create_model`.
+
+One code path serves ``spatial_dims`` 2 and 3; :func:`create_model` is the only way from a
+:class:`~medseg.config.ModelConfig` to a network. Registered models:
+
+``unet`` (:class:`UNet`, the default)
+    MONAI's :class:`~monai.networks.nets.DynUNet` (nnU-Net's architecture) with three changes, all
+    in this module or :mod:`medseg.models._blocks`: an explicit loop in ``forward`` instead of
+    DynUNet's recursive ``skip_layers`` (which stores every weight a second time in the state dict
+    under ``skip_layers.next_layer.next_layer...``), deep-supervision heads returned at their own
+    resolution (below), and optional resize+conv upsampling (:class:`~medseg.models._blocks.ResizeUpBlock`)
+    in place of transposed convolutions. Every :class:`ModelConfig` field applies.
+``monai_unet``
+    MONAI's :class:`~monai.networks.nets.UNet` (strided-conv encoder, residual units when
+    ``residual: true``), cheaper per voxel than ``unet``. Transposed-conv upsampling only and no
+    deep supervision: ``upsample: resize`` or ``deep_supervision: true`` raise :class:`ConfigError`.
+    Its state-dict keys are MONAI's recursive ``model.1.submodule.1...`` names.
+
+Strides:
+    ``model.strides`` has one entry per level (``len(channels)``); the first is the stride of the
+    input block and must be 1, the others downsample, e.g. ``[1, 2, 2, 2]``. When it is omitted and
+    ``patch_size`` is given, :func:`plan_strides` chooses per-axis strides nnU-Net style (an axis is not
+    downsampled while its spacing is 2x coarser than the finest axis, nor when its size would fall
+    below 4). Otherwise every level after the first downsamples every axis by 2. The input's spatial
+    size must be divisible, per axis, by the product of the strides (:func:`required_divisor`);
+    otherwise the forward pass raises :class:`~medseg.errors.ShapeError` naming the padded size.
+
+Output convention (all models return logits, never probabilities):
+    * ``model.eval()``, or any model built with ``deep_supervision: false``: one tensor of shape
+      ``(B, out_channels, *spatial)``, the input's spatial size.
+    * ``model.train()`` with ``deep_supervision: true`` (``unet`` only): a ``list`` of
+      ``len(channels) - 1`` logit tensors, highest resolution first. Element 0 is the full-resolution
+      output (the same head as in eval mode); element ``i`` comes from decoder level ``i`` and has
+      shape ``(B, out_channels, *(s // f for s, f in zip(spatial, model.output_strides[i])))``, e.g.
+      for 4 levels with strides 2: full, 1/2 and 1/4 size. The heads are *not* interpolated to full
+      size (unlike MONAI's DynUNet, which stacks nearest-upsampled heads into one tensor): as in
+      nnU-Net, the loss downsamples the target to each output's shape and weights the terms (nnU-Net
+      uses weights proportional to 1/2**i). The lowest decoder level (just above the bottleneck) has
+      no head, as in DynUNet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from monai.networks.nets import DynUNet
+from monai.networks.nets import UNet as _MonaiUNetBase
+from torch import nn
+
+from medseg.config import ModelConfig
+from medseg.errors import ConfigError, ShapeError
+from medseg.models._blocks import NORM_LAYERS, ResizeUpBlock
+from medseg.registry import Registry
+
+__all__ = [
+    "MODELS",
+    "MonaiUNet",
+    "UNet",
+    "check_input_shape",
+    "create_model",
+    "default_strides",
+    "plan_strides",
+    "required_divisor",
+    "resolve_strides",
+]
+
+AxisStrides = tuple[int, ...]
+"""Stride of one level, one integer per spatial axis."""
+
+
+class ModelBuilder(Protocol):
+    """Signature of the functions registered in :data:`MODELS`."""
+
+    def __call__(
+        self,
+        cfg: ModelConfig,
+        *,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        strides: Sequence[AxisStrides],
+    ) -> nn.Module: ...
+
+
+MODELS: Registry[ModelBuilder] = Registry("model")
+"""Model name (``model.name`` in the config) -> builder; use :func:`create_model`, not the builders."""
+
+
+# --------------------------------------------------------------------------------------------
+# strides and input sizes
+
+
+def default_strides(depth: int, spatial_dims: int) -> list[AxisStrides]:
+    """Stride 1 for the input block, then 2 on every axis for each further level.
+
+    >>> default_strides(3, 2)
+    [(1, 1), (2, 2), (2, 2)]
+    """
+    return [(1,) * spatial_dims] + [(2,) * spatial_dims] * (depth - 1)
+
+
+def plan_strides(
+    patch_size: Sequence[int],
+    spacing_mm: Sequence[float] | None = None,
+    *,
+    depth: int,
+    min_size: int = 4,
+    max_spacing_ratio: float = 2.0,
+) -> list[AxisStrides]:
+    """Per-axis strides for a U-Net of ``depth`` levels, chosen as nnU-Net does.
+
+    At each level after the first, an axis is downsampled by 2 when its current feature-map size is at
+    least ``2 * min_size`` and its current spacing is less than ``max_spacing_ratio`` times the finest
+    current spacing (so a 5 mm axis of a 0.8 x 0.8 x 5 mm CT is kept until the in-plane axes have
+    been pooled to a comparable spacing). Isensee et al., nnU-Net, Nature Methods 2021.
+
+    Args:
+        patch_size: Training patch size, one value per spatial axis.
+        spacing_mm: Voxel size per axis; ``None`` treats the axes as isotropic.
+        depth: Number of levels (``len(model.channels)``).
+        min_size: Smallest feature-map size an axis may be pooled down to.
+        max_spacing_ratio: Axes this many times coarser than the finest one are not pooled.
+
+    Returns:
+        ``depth`` tuples of per-axis strides; the first is all ones (the input block).
+
+    Raises:
+        ConfigError: If the arguments are inconsistent, or some level could not downsample any axis
+            (the patch is too small for ``depth`` levels).
+
+    Example:
+        >>> plan_strides((128, 128, 16), (0.8, 0.8, 5.0), depth=4)
+        [(1, 1, 1), (2, 2, 1), (2, 2, 1), (2, 2, 2)]
+    """
+    nd = len(patch_size)
+    if nd not in (2, 3) or any(int(s) < 1 for s in patch_size):
+        raise ConfigError(f"patch_size must be 2 or 3 positive integers, got {list(patch_size)}")
+    if spacing_mm is not None and (len(spacing_mm) != nd or any(s <= 0 for s in spacing_mm)):
+        raise ConfigError(f"spacing_mm must be {nd} positive numbers (one per axis), got {list(spacing_mm)}")
+    if depth < 2:
+        raise ConfigError(f"a U-Net needs at least 2 levels, got depth={depth}")
+    size = [int(s) for s in patch_size]
+    spacing = [float(s) for s in spacing_mm] if spacing_mm is not None else [1.0] * nd
+    strides: list[AxisStrides] = [(1,) * nd]
+    for level in range(1, depth):
+        finest = min(spacing)
+        stride = tuple(
+            2 if size[d] >= 2 * min_size and spacing[d] < max_spacing_ratio * finest else 1 for d in range(nd)
+        )
+        if stride == (1,) * nd:
+            raise ConfigError(
+                f"patch_size {list(patch_size)} is too small for {depth} levels: after {level - 1} "
+                f"downsamplings the feature map is {size}, and no axis can be halved without falling below "
+                f"{min_size} voxels. Use a larger patch, or at most {level} entries in model.channels."
+            )
+        strides.append(stride)
+        size = [s // f for s, f in zip(size, stride, strict=True)]
+        spacing = [s * f for s, f in zip(spacing, stride, strict=True)]
+    return strides
+
+
+def resolve_strides(
+    cfg: ModelConfig,
+    *,
+    spatial_dims: int,
+    patch_size: Sequence[int] | None = None,
+    spacing_mm: Sequence[float] | None = None,
+) -> list[AxisStrides]:
+    """The per-level, per-axis strides :func:`create_model` uses for ``cfg``.
+
+    ``cfg.strides`` wins when given (the same stride on every axis of a level); otherwise
+    :func:`plan_strides` on ``patch_size``/``spacing_mm`` when a patch size is given; otherwise
+    :func:`default_strides`.
+
+    Raises:
+        ConfigError: If ``cfg.strides`` does not have one entry per level or its first entry is not 1.
+    """
+    depth = len(cfg.channels)
+    if cfg.strides is not None:
+        if len(cfg.strides) != depth:
+            raise ConfigError(
+                f"model.strides has {len(cfg.strides)} values but model.channels has {depth} levels; give "
+                f"one stride per level, the first being the input block's (1), e.g. {[1] + [2] * (depth - 1)}"
+            )
+        if cfg.strides[0] != 1:
+            raise ConfigError(
+                f"model.strides[0] is the input block's stride and must be 1 (the output must have the "
+                f"input's size), got {cfg.strides[0]}; e.g. {[1] + [2] * (depth - 1)}"
+            )
+        return [(int(s),) * spatial_dims for s in cfg.strides]
+    if patch_size is not None:
+        return plan_strides(patch_size, spacing_mm, depth=depth)
+    return default_strides(depth, spatial_dims)
+
+
+def required_divisor(strides: Sequence[AxisStrides | int]) -> tuple[int, ...]:
+    """Product of the strides per axis: the input size must be a multiple of it on each axis.
+
+    >>> required_divisor([(1, 1, 1), (2, 2, 1), (2, 2, 2)])
+    (4, 4, 2)
+    """
+    per_level = [s if isinstance(s, Sequence) else (s,) for s in strides]
+    nd = max(len(s) for s in per_level)
+    per_level = [tuple(s) * nd if len(s) == 1 else tuple(s) for s in per_level]
+    return tuple(math.prod(s[d] for s in per_level) for d in range(nd))
+
+
+def _padded(shape: Sequence[int], divisor: Sequence[int]) -> tuple[int, ...]:
+    return tuple(-(-int(s) // k) * k for s, k in zip(shape, divisor, strict=True))
+
+
+def check_input_shape(spatial_shape: Sequence[int], divisor: Sequence[int] | nn.Module) -> None:
+    """Raise if ``spatial_shape`` is not a multiple of ``divisor`` on every axis.
+
+    Args:
+        spatial_shape: Input size without batch and channel axes, e.g. ``x.shape[2:]``.
+        divisor: Per-axis divisor (:func:`required_divisor`), or a model from :func:`create_model`
+            (its ``input_divisor`` attribute is used).
+
+    Raises:
+        ShapeError: Naming the divisor and the padded size the input should have.
+    """
+    div = tuple(getattr(divisor, "input_divisor", divisor))
+    shape = tuple(int(s) for s in spatial_shape)
+    if len(shape) != len(div):
+        raise ShapeError(
+            f"input has {len(shape)} spatial axes but the model is {len(div)}D; pass a tensor of shape "
+            f"(B, C, {', '.join('...' for _ in div)})",
+            expected=div,
+            actual=shape,
+        )
+    if any(s % k for s, k in zip(shape, div, strict=True)):
+        raise ShapeError(
+            f"input spatial size must be divisible by {div} per axis (the product of the model's strides); "
+            f"pad it to the padded size (e.g. monai.transforms.DivisiblePad(k={div})) or choose a patch size "
+            f"that is a multiple of {div}",
+            expected=_padded(shape, div),
+            actual=shape,
+        )
+
+
+def _cumulative(strides: Sequence[AxisStrides]) -> list[AxisStrides]:
+    """Total downsampling factor per axis at the output of each level."""
+    out: list[AxisStrides] = []
+    acc = (1,) * len(strides[0])
+    for s in strides:
+        acc = tuple(a * b for a, b in zip(acc, s, strict=True))
+        out.append(acc)
+    return out
+
+
+def _norm_spec(norm: str) -> tuple[str, dict[str, Any]]:
+    if norm not in NORM_LAYERS:
+        raise ConfigError(f"unknown norm {norm!r}; expected one of {sorted(NORM_LAYERS)}")
+    name, kwargs = NORM_LAYERS[norm]
+    return name, dict(kwargs)
+
+
+def _axis_strides(strides: Sequence[int | Sequence[int]] | None, depth: int, nd: int) -> list[AxisStrides]:
+    if strides is None:
+        return default_strides(depth, nd)
+    out = [(int(s),) * nd if isinstance(s, int) else tuple(int(v) for v in s) for s in strides]
+    if len(out) != depth or any(len(s) != nd for s in out) or any(v < 1 for s in out for v in s):
+        raise ConfigError(
+            f"strides must give {depth} levels (one per channels entry) of positive ints or {nd}-tuples, "
+            f"got {list(strides)}"
+        )
+    if out[0] != (1,) * nd:
+        raise ConfigError(f"the first stride (input block) must be 1 on every axis, got {out[0]}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+class UNet(DynUNet):
+    """nnU-Net-style U-Net for 2D or 3D: MONAI's DynUNet with readable keys and native-size heads.
+
+    Each level has two conv-norm-LeakyReLU layers (or a residual block); the first conv of levels
+    after the first is strided. Decoder levels upsample by a transposed convolution (``"deconv"``,
+    nnU-Net's choice) or by a 1x1 conv plus linear resize (``"resize"``), concatenate the skip, and
+    apply two conv-norm-act layers (plain, as in DynUNet and nnU-Net's residual-encoder U-Net, even
+    when ``residual`` is set). The head is a 1x1 conv producing logits. See the module docstring for
+    the deep-supervision output convention.
+
+    State-dict keys are DynUNet's (``input_block``, ``downsamples.i``, ``bottleneck``,
+    ``upsamples.i`` from deepest to shallowest, ``output_block``, ``deep_supervision_heads.i``) without
+    the duplicated ``skip_layers.*`` copies, so MONAI DynUNet checkpoints of the same architecture load
+    with ``strict=True`` (their ``skip_layers.*`` keys are dropped on load).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Image channels.
+        out_channels: Logit channels (classes + background for softmax, structures for sigmoid).
+        channels: Feature width per level; at least 3 levels (input, >= 1 downsampling, bottleneck).
+        strides: One stride per level (an int, or one int per axis); the first must be 1. Defaults to
+            1 then 2 for every further level.
+        kernel_size: Convolution kernel size on every level.
+        residual: Residual blocks in the encoder and bottleneck.
+        norm: ``"instance"`` or ``"batch"`` (both with affine parameters).
+        upsample: ``"deconv"`` (transposed conv) or ``"resize"`` (1x1 conv + linear interpolation).
+        deep_supervision: In train mode, also return logits from the decoder levels 1 .. depth-2.
+
+    Example:
+        >>> net = UNet(2, 1, 3, channels=(4, 8, 16)).eval()
+        >>> net(torch.zeros(1, 1, 16, 16)).shape
+        torch.Size([1, 3, 16, 16])
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        channels: Sequence[int] = (32, 64, 128, 256),
+        strides: Sequence[int | Sequence[int]] | None = None,
+        *,
+        kernel_size: int = 3,
+        residual: bool = False,
+        norm: str = "instance",
+        upsample: str = "deconv",
+        deep_supervision: bool = False,
+    ) -> None:
+        if spatial_dims not in (2, 3):
+            raise ConfigError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        depth = len(channels)
+        if depth < 3:
+            raise ConfigError(
+                f"unet needs at least 3 levels in channels (input block, >= 1 downsampling, bottleneck), "
+                f"got {list(channels)}"
+            )
+        if upsample not in ("deconv", "resize"):
+            raise ConfigError(f"unknown upsample {upsample!r}; expected 'deconv' or 'resize'")
+        level_strides = _axis_strides(strides, depth, spatial_dims)
+        super().__init__(
+            spatial_dims,
+            in_channels,
+            out_channels,
+            kernel_size=[kernel_size] * depth,
+            strides=level_strides,
+            upsample_kernel_size=level_strides[1:],
+            filters=list(channels),
+            norm_name=_norm_spec(norm),
+            deep_supervision=deep_supervision,
+            deep_supr_num=max(depth - 2, 1),
+            res_block=residual,
+        )
+        # DynUNet registers every block a second time inside the recursive `skip_layers`; forward()
+        # below loops over the named lists instead, so the copy only duplicated state-dict keys.
+        del self.skip_layers
+        self.heads = []
+        if upsample == "resize":
+            self.upsamples = self._resize_upsamples(level_strides, kernel_size)
+            self.upsamples.apply(self.initialize_weights)
+        self.upsample_mode = upsample
+        self.level_strides: list[AxisStrides] = level_strides
+        self.input_divisor: tuple[int, ...] = required_divisor(level_strides)
+        n_out = depth - 1 if deep_supervision else 1
+        self.output_strides: list[AxisStrides] = _cumulative(level_strides)[:n_out]
+        self._register_load_state_dict_pre_hook(_drop_skip_layer_keys)
+
+    def _resize_upsamples(self, level_strides: list[AxisStrides], kernel_size: int) -> nn.ModuleList:
+        """Decoder blocks with resize+conv upsampling, in DynUNet's order (deepest first)."""
+        filters = list(self.filters)
+        ins, outs = filters[1:][::-1], filters[:-1][::-1]
+        scales = level_strides[1:][::-1]
+        return nn.ModuleList(
+            ResizeUpBlock(
+                self.spatial_dims,
+                i,
+                o,
+                kernel_size=kernel_size,
+                scale_factor=s,
+                norm_name=self.norm_name,
+                act_name=self.act_name,
+            )
+            for i, o, s in zip(ins, outs, scales, strict=True)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:  # type: ignore[override]
+        """Logits ``(B, out_channels, *spatial)``, or the deep-supervision list in train mode.
+
+        Raises:
+            ShapeError: If ``x`` is not ``(B, in_channels, *spatial)`` with each spatial size a multiple
+                of ``input_divisor``.
+        """
+        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ShapeError(
+                f"{type(self).__name__} ({self.spatial_dims}D) expects input (B, in_channels, *spatial) "
+                "(-1: any size)",
+                expected=(-1, self.in_channels) + (-1,) * self.spatial_dims,
+                actual=tuple(x.shape),
+            )
+        check_input_shape(x.shape[2:], self.input_divisor)
+        out = self.input_block(x)
+        skips = [out]
+        for block in self.downsamples:
+            out = block(out)
+            skips.append(out)
+        out = self.bottleneck(out)
+        decoded: list[torch.Tensor] = []
+        for block, skip in zip(self.upsamples, reversed(skips), strict=True):
+            out = block(out, skip)
+            decoded.append(out)
+        logits = self.output_block(out)
+        if not (self.training and self.deep_supervision):
+            return logits
+        # decoded[-1] is level 0 (full size), decoded[-1 - k] is level k; head i sits on level i + 1
+        aux = [head(decoded[-2 - i]) for i, head in enumerate(self.deep_supervision_heads)]
+        return [logits, *aux]
+
+
+def _drop_skip_layer_keys(
+    state_dict: dict[str, Any], prefix: str, _meta: Any, _strict: bool, _missing: Any, _unexp: Any, _err: Any
+) -> None:
+    """Load-time hook: ignore DynUNet's duplicated ``skip_layers.*`` entries."""
+    for key in [k for k in state_dict if k.startswith(prefix + "skip_layers.")]:
+        del state_dict[key]
+
+
+class MonaiUNet(_MonaiUNetBase):
+    """MONAI's :class:`~monai.networks.nets.UNet` with medseg's input check and attributes.
+
+    Adds ``input_divisor``/``output_strides`` and a clear :class:`ShapeError` for input sizes that are
+    not multiples of the strides' product (MONAI fails later with a tensor-concatenation error).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Image channels.
+        out_channels: Logit channels.
+        channels: Feature width per level (at least 2).
+        strides: One stride per level as in :class:`UNet` (the first must be 1); MONAI's own
+            ``strides`` attribute holds the remaining ``len(channels) - 1``.
+        residual: Use MONAI residual units (2 per level) instead of single convolutions.
+        norm: ``"instance"`` or ``"batch"``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        channels: Sequence[int] = (32, 64, 128, 256),
+        strides: Sequence[int | Sequence[int]] | None = None,
+        *,
+        residual: bool = False,
+        norm: str = "instance",
+    ) -> None:
+        if spatial_dims not in (2, 3):
+            raise ConfigError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if len(channels) < 2:
+            raise ConfigError(f"monai_unet needs at least 2 levels in channels, got {list(channels)}")
+        level_strides = _axis_strides(strides, len(channels), spatial_dims)
+        super().__init__(
+            spatial_dims,
+            in_channels,
+            out_channels,
+            channels=list(channels),
+            strides=level_strides[1:],
+            num_res_units=2 if residual else 0,
+            norm=_norm_spec(norm),
+        )
+        self.level_strides: list[AxisStrides] = level_strides
+        self.input_divisor: tuple[int, ...] = required_divisor(level_strides)
+        self.output_strides: list[AxisStrides] = [(1,) * spatial_dims]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, out_channels, *spatial)``.
+
+        Raises:
+            ShapeError: If a spatial size is not a multiple of ``input_divisor``.
+        """
+        if x.ndim != self.dimensions + 2 or x.shape[1] != self.in_channels:
+            raise ShapeError(
+                f"MonaiUNet ({self.dimensions}D) expects input (B, in_channels, *spatial) (-1: any size)",
+                expected=(-1, self.in_channels) + (-1,) * self.dimensions,
+                actual=tuple(x.shape),
+            )
+        check_input_shape(x.shape[2:], self.input_divisor)
+        return super().forward(x)
+
+
+# --------------------------------------------------------------------------------------------
+# registry entries and the factory
+
+
+@MODELS.register("unet")
+def _build_unet(
+    cfg: ModelConfig,
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    strides: Sequence[AxisStrides],
+) -> nn.Module:
+    return UNet(
+        spatial_dims,
+        in_channels,
+        out_channels,
+        channels=cfg.channels,
+        strides=strides,
+        residual=cfg.residual,
+        norm=cfg.norm,
+        upsample=cfg.upsample,
+        deep_supervision=cfg.deep_supervision,
+    )
+
+
+@MODELS.register("monai_unet")
+def _build_monai_unet(
+    cfg: ModelConfig,
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    strides: Sequence[AxisStrides],
+) -> nn.Module:
+    unsupported = []
+    if cfg.upsample != "deconv":
+        unsupported.append(
+            f"upsample: {cfg.upsample} (MONAI UNet upsamples with transposed convolutions only)"
+        )
+    if cfg.deep_supervision:
+        unsupported.append("deep_supervision: true (MONAI UNet has no auxiliary heads)")
+    if unsupported:
+        raise ConfigError(
+            "model.name 'monai_unet' does not support " + "; ".join(unsupported) + ". Use model.name: unet, "
+            "which supports both, or remove the setting."
+        )
+    return MonaiUNet(
+        spatial_dims,
+        in_channels,
+        out_channels,
+        channels=cfg.channels,
+        strides=strides,
+        residual=cfg.residual,
+        norm=cfg.norm,
+    )
+
+
+def create_model(
+    model_cfg: ModelConfig,
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    patch_size: Sequence[int] | None = None,
+    spacing_mm: Sequence[float] | None = None,
+) -> nn.Module:
+    """Build the network described by ``model_cfg``: the only path from config to model.
+
+    The architecture is a function of all arguments (``patch_size``/``spacing_mm`` choose the strides
+    when ``model_cfg.strides`` is unset, see :func:`resolve_strides`), so inference must pass the same
+    values as training (they are in the run's ``plan.json``). The returned module has the attributes
+    ``level_strides`` (per-level, per-axis strides), ``input_divisor`` (see :func:`check_input_shape`)
+    and ``output_strides`` (downsampling factor per axis of each output; one entry unless deep
+    supervision is on). Outputs are logits; see the module docstring for the exact convention.
+
+    Args:
+        model_cfg: The config's ``model`` section.
+        spatial_dims: 2 or 3 (``data.spatial_dims``).
+        in_channels: Image channels.
+        out_channels: Logit channels: ``len(labels) + 1`` (softmax) or ``len(structures)`` (sigmoid).
+        patch_size: Training patch size; checked for divisibility and used to plan strides.
+        spacing_mm: Target voxel spacing; used with ``patch_size`` to plan anisotropic strides.
+
+    Raises:
+        ConfigError: Unknown model name (with a did-you-mean hint), a field the model does not
+            support, inconsistent strides, or a patch size that is not a multiple of the strides'
+            product (the message gives the padded size).
+
+    Example:
+        >>> cfg = ModelConfig(channels=[4, 8, 16])
+        >>> net = create_model(cfg, spatial_dims=3, in_channels=1, out_channels=2)
+        >>> net.input_divisor
+        (4, 4, 4)
+    """
+    builder = MODELS.get(model_cfg.name)
+    if spatial_dims not in (2, 3):
+        raise ConfigError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if in_channels < 1 or out_channels < 1:
+        raise ConfigError(f"in_channels and out_channels must be >= 1, got {in_channels} and {out_channels}")
+    if patch_size is not None and len(patch_size) != spatial_dims:
+        raise ConfigError(
+            f"patch_size {list(patch_size)} has {len(patch_size)} values; expected {spatial_dims}"
+        )
+    if spacing_mm is not None and len(spacing_mm) != spatial_dims:
+        raise ConfigError(
+            f"spacing_mm {list(spacing_mm)} has {len(spacing_mm)} values; expected {spatial_dims}"
+        )
+    strides = resolve_strides(
+        model_cfg, spatial_dims=spatial_dims, patch_size=patch_size, spacing_mm=spacing_mm
+    )
+    if patch_size is not None:
+        div = required_divisor(strides)
+        if any(int(p) % k for p, k in zip(patch_size, div, strict=True)):
+            raise ConfigError(
+                f"patch_size {list(patch_size)} is not divisible by {list(div)} per axis (the product of the "
+                f"model's strides {[list(s) for s in strides]}); use train.patch_size "
+                f"{list(_padded(patch_size, div))}, or fewer levels in model.channels"
+            )
+    return builder(
+        model_cfg,
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        strides=strides,
+    )
