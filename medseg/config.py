@@ -195,14 +195,18 @@ class TrainConfig(Strict):
     val_every: PositiveInt = 1
     foreground_fraction: float = Field(0.33, ge=0.0, le=1.0)
     num_workers: int = Field(0, ge=0)
-    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of training cases held out for validation")
+    val_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="share of training cases held out for validation"
+    )
     grad_clip: NonNegativeFloat = Field(12.0, description="max gradient norm (0 disables)")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
     early_stopping: PositiveInt | None = Field(
         None, description="stop after this many validations without improvement of the mean Dice"
     )
     augment: bool = True
-    cache_dir: Path | None = Field(None, description="preprocessing cache (default ~/.cache/medseg/preprocessed)")
+    cache_dir: Path | None = Field(
+        None, description="preprocessing cache (default ~/.cache/medseg/preprocessed)"
+    )
 
     @field_validator("device")
     @classmethod

@@ -23,13 +23,14 @@ Common tasks:
   medseg data synth ct --out data/ct           synthetic CT phantoms (MSD layout)
   medseg data check --config configs/x.yaml    list every problem in a dataset
   medseg config show --config configs/x.yaml   the resolved config with all defaults
+  medseg train --config configs/demo_ct.yaml   train a model; the run directory is the model
 
 Run `medseg COMMAND --help` for the options of each command.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from medseg.cli import config_cmd, data_cmd, info_cmd
+    from medseg.cli import config_cmd, data_cmd, info_cmd, train_cmd
 
     parser = argparse.ArgumentParser(
         prog="medseg", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     info_cmd.register(sub)
     data_cmd.register(sub)
     config_cmd.register(sub)
+    train_cmd.register(sub)
     return parser
 
 

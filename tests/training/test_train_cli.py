@@ -1,0 +1,163 @@
+"""End-to-end `medseg train` on tiny phantoms: both output modes, the run bundle, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medseg.cli.main import main
+from medseg.data.synthetic import synth_ct
+from medseg.data.synthetic_cxr import synth_chest_xray
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+
+TINY_CT = [
+    "model.channels=[4,8,16]",
+    "train.patch_size=[32,32,16]",
+    "train.target_spacing_mm=[3.0,3.0,4.0]",
+    "train.batch_size=2",
+    "train.iterations_per_epoch=3",
+    "loss.border_weights.sigma_mm=6",
+]
+TINY_CXR = [
+    "model.channels=[4,8,16]",
+    "train.patch_size=[64,64]",
+    "train.batch_size=2",
+    "train.iterations_per_epoch=3",
+]
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("phantoms")
+    return {
+        "ct": synth_ct(root / "ct", cases=4, seed=3, dicom_cases=0),
+        "cxr": synth_chest_xray(root / "cxr", cases=4, seed=3),
+        "cache": root / "cache",
+    }
+
+
+def _args(config: str, data: Path, cache: Path, run: Path, extra: list[str], epochs: int = 2) -> list[str]:
+    out = [
+        "train",
+        "--config",
+        str(CONFIGS / config),
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    for s in [f"data.root={data}", f"train.cache_dir={cache}", f"train.epochs={epochs}", *extra]:
+        out += ["--set", s]
+    return out
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("mode", ["ct", "cxr"])
+def test_train_two_epochs_writes_a_model_bundle(phantoms: dict[str, Path], tmp_path: Path, mode: str) -> None:
+    config, extra = ("demo_ct.yaml", TINY_CT) if mode == "ct" else ("demo_chest_xray.yaml", TINY_CXR)
+    run = tmp_path / "run"
+    assert main(_args(config, phantoms[mode], phantoms["cache"], run, extra)) == 0
+    for name in (
+        "config.yaml",
+        "plan.json",
+        "env.json",
+        "metrics.csv",
+        "curves.png",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    plan = json.loads((run / "plan.json").read_text())
+    env = json.loads((run / "env.json").read_text())
+    assert env["device"] == "cpu" and len(env["config_hash"]) == 16
+    rows = _rows(run)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    structures = plan["structure_names"]
+    assert {"epoch", "train_loss", "val_mean_dice", *[f"val_dice_{s}" for s in structures]} <= set(rows[0])
+    assert all(np.isfinite(float(r["train_loss"])) for r in rows)
+    assert 0.0 <= float(rows[-1]["val_mean_dice"]) <= 1.0
+    if mode == "ct":
+        assert plan["mode"] == "softmax" and plan["spatial_dims"] == 3
+        assert structures[:5] == ["liver", "spleen", "left_kidney", "right_kidney", "aorta"]
+    else:
+        assert plan["mode"] == "sigmoid" and plan["spatial_dims"] == 2
+        assert "left_clavicle" in structures
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert ck["epoch"] == 2 and set(ck) >= {"model", "optimizer", "scheduler", "scaler", "rng"}
+
+
+def test_refuses_existing_run_without_resume(
+    phantoms: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    assert (
+        main(_args("demo_chest_xray.yaml", phantoms["cxr"], phantoms["cache"], run, TINY_CXR, epochs=1)) == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(_args("demo_chest_xray.yaml", phantoms["cxr"], phantoms["cache"], run, TINY_CXR, epochs=1)) == 2
+    )
+    assert "--resume" in capsys.readouterr().err
+    # a finished run can be extended
+    assert main(["train", "--run-dir", str(run), "--resume", "--no-progress", "--set", "train.epochs=2"]) == 0
+    assert [r["epoch"] for r in _rows(run)] == ["1", "2"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(phantoms: dict[str, Path], tmp_path: Path) -> None:
+    """Kill training mid-epoch with SIGKILL, resume: same epochs, no lost or doubled rows, and (CPU is
+    deterministic) the same losses as a run that was never interrupted."""
+    exe = [sys.executable, "-m", "medseg.cli.main"]
+    extra = [*TINY_CXR, "train.iterations_per_epoch=12", "train.val_every=1"]
+    ref = tmp_path / "ref"
+    assert main(_args("demo_chest_xray.yaml", phantoms["cxr"], phantoms["cache"], ref, extra, epochs=3)) == 0
+
+    run = tmp_path / "killed"
+    args = _args("demo_chest_xray.yaml", phantoms["cxr"], phantoms["cache"], run, extra, epochs=3)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*exe, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            if (run / "metrics.csv").exists() and len(_rows(run)) >= 1:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("training did not finish its first epoch in time")
+        time.sleep(0.3)  # well inside epoch 2
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = len(_rows(run))
+    assert done < 3, "the run finished before it could be killed; make the epochs longer"
+    out = subprocess.run(
+        [*exe, "train", "--run-dir", str(run), "--resume", "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    rows, ref_rows = _rows(run), _rows(ref)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    for a, b in zip(rows, ref_rows, strict=True):
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-5)
+        assert float(a["val_mean_dice"]) == pytest.approx(float(b["val_mean_dice"]), abs=1e-6)
