@@ -24,13 +24,14 @@ Common tasks:
   medseg data check --config configs/x.yaml    list every problem in a dataset
   medseg config show --config configs/x.yaml   the resolved config with all defaults
   medseg train --config configs/demo_ct.yaml   train a model; the run directory is the model
+  medseg predict --model RUN --input SCAN --output DIR   label maps on each scan's own grid
 
 Run `medseg COMMAND --help` for the options of each command.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from medseg.cli import config_cmd, data_cmd, info_cmd, train_cmd
+    from medseg.cli import config_cmd, data_cmd, info_cmd, predict_cmd, train_cmd
 
     parser = argparse.ArgumentParser(
         prog="medseg", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmd.register(sub)
     config_cmd.register(sub)
     train_cmd.register(sub)
+    predict_cmd.register(sub)
     return parser
 
 

@@ -152,7 +152,10 @@ def plot_curves(metrics: MetricsCSV, path: Path, structures: Sequence[str]) -> N
     a2.set_ylabel("Dice")
     a2.set_title("Validation Dice")
     a2.grid(alpha=0.3)
-    a2.legend(fontsize=7, loc="lower right")
+    if a2.get_lines():
+        a2.legend(fontsize=7, loc="lower right")
+    else:
+        a2.text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=a2.transAxes)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=100)

@@ -1,0 +1,1 @@
+"""Inference: sliding-window prediction written back in the scan's own geometry."""

@@ -1,0 +1,148 @@
+"""`medseg predict` end to end: NIfTI in several orientations and a DICOM series in, label maps with
+exactly the input grid out; batch behaviour (skip existing, failures listed, exit code)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medseg.cli.main import main
+from medseg.config import ModelConfig
+from medseg.data.plan import ChannelNorm, Plan
+from medseg.io import load_volume, save_volume
+from medseg.io.dicom_write import write_dicom_series
+from medseg.models.unet import create_model
+from medseg.types import Volume
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory with an untrained network (geometry does not depend on the weights)."""
+    run = tmp_path_factory.mktemp("run")
+    plan = Plan(
+        spatial_dims=3,
+        modality="ct",
+        mode="softmax",
+        structure_names=("a", "b"),
+        label_values=(1, 2),
+        in_channels=1,
+        target_spacing_mm=(1.5, 1.5, 3.0),
+        patch_size=(16, 16, 8),
+        normalization=(ChannelNorm("ct", -1000, 1000, 0, 500),),
+        body_threshold=-500.0,
+    )
+    plan.save(run / "plan.json")
+    cfg = ModelConfig(name="monai_unet", channels=[4, 8, 16])
+    torch.manual_seed(0)
+    net = create_model(cfg, spatial_dims=3, in_channels=1, out_channels=3, patch_size=plan.patch_size)
+    (run / "checkpoints").mkdir()
+    torch.save(
+        {"model": net.state_dict(), "model_config": cfg.model_dump(mode="json"), "epoch": 1},
+        run / "checkpoints" / "best.pt",
+    )
+    return run
+
+
+def _scan(affine: np.ndarray, shape=(30, 26, 9)) -> Volume:
+    rng = np.random.default_rng(0)
+    arr = np.full((1, *shape), -1000, np.int16)
+    arr[0, 3:27, 3:23, 1:8] = rng.integers(-100, 200, size=(24, 20, 7))
+    return Volume(arr, affine)
+
+
+AFFINES = {
+    "RAS": np.array([[0.8, 0, 0, -10], [0, 0.8, 0, 20], [0, 0, 2.5, 5], [0, 0, 0, 1]]),
+    "LPS": np.array([[-0.75, 0, 0, 10], [0, -0.75, 0, 20], [0, 0, 3.0, -5], [0, 0, 0, 1]]),
+    "LAS": np.array([[-0.9, 0, 0, 10], [0, 0.9, 0, -20], [0, 0, 2.0, 0], [0, 0, 0, 1]]),
+    "oblique": np.array([[0.7, -0.35, 0, 1], [0.35, 0.7, 0, 2], [0, 0, 2.5, 3], [0, 0, 0, 1]]),
+}
+
+
+def test_nifti_and_dicom_predictions_keep_the_input_grid(
+    bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    inputs = tmp_path / "in"
+    for name, aff in AFFINES.items():
+        save_volume(_scan(aff), inputs / f"{name}_0000.nii.gz")
+    dicom = write_dicom_series(_scan(AFFINES["LPS"]), tmp_path / "dicom" / "series1")
+    out = tmp_path / "out"
+    args = [
+        "predict",
+        "--model",
+        str(bundle),
+        "--input",
+        str(inputs),
+        str(dicom),
+        "--output",
+        str(out),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    assert main(args) == 0
+    assert "5 predicted" in capsys.readouterr().out
+    for name in AFFINES:
+        src = nib.load(str(inputs / f"{name}_0000.nii.gz"))
+        pred = nib.load(str(out / f"{name}.nii.gz"))
+        assert pred.shape == src.shape and pred.get_data_dtype() == np.uint8
+        np.testing.assert_array_equal(pred.affine, src.affine)  # bit for bit
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+    src = load_volume(dicom)
+    pred = load_volume(out / "series1.nii.gz")
+    assert pred.spatial_shape == src.spatial_shape
+    np.testing.assert_allclose(pred.affine, src.affine, atol=1e-4)  # NIfTI stores float32
+    manifest = json.loads((out / "predict.json").read_text())
+    assert len(manifest["cases"]) == 5 and manifest["failures"] == []
+    # a second run skips existing outputs
+    assert main(args) == 0
+    assert "0 predicted, 5 skipped" in capsys.readouterr().out
+
+
+def test_bad_input_is_listed_and_exit_code_nonzero(
+    bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    good = save_volume(_scan(AFFINES["RAS"]), tmp_path / "in" / "good.nii.gz")
+    bad = tmp_path / "in" / "bad.nii.gz"
+    bad.write_bytes(b"broken")
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(bundle),
+            "--input",
+            str(good),
+            str(bad),
+            "--output",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
+    assert code == 1
+    text = capsys.readouterr().out
+    assert "1 predicted" in text and "1 failed" in text and "bad.nii.gz" in text
+    assert (tmp_path / "out" / "good.nii.gz").exists()
+
+
+def test_refuses_to_write_into_the_input_folder(
+    bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    good = save_volume(_scan(AFFINES["RAS"]), tmp_path / "in" / "good.nii.gz")
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(bundle),
+            "--input",
+            str(good),
+            "--output",
+            str(tmp_path / "in"),
+            "--no-progress",
+        ]
+    )
+    assert code == 2
+    assert "input folder" in capsys.readouterr().err
