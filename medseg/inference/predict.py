@@ -67,7 +67,6 @@ def load_bundle(run_dir: str | Path, *, device: str = "auto", checkpoint: str = 
     )
     model.load_state_dict(ck["model"])
     model.to(dev).eval()
-    torch.set_grad_enabled(False)
     return ModelBundle(
         run_dir, plan, model, dev, path.name, {"epoch": ck.get("epoch"), "config_hash": ck.get("config_hash")}
     )
