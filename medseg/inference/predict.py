@@ -39,7 +39,6 @@ class ModelBundle:
 
 def load_bundle(run_dir: str | Path, *, device: str = "auto", checkpoint: str = "best") -> ModelBundle:
     """Load ``plan.json`` and ``checkpoints/<checkpoint>.pt`` from a run directory."""
-    import torch
 
     from medseg.config import ModelConfig
     from medseg.models.unet import create_model
