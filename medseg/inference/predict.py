@@ -87,6 +87,8 @@ def predict_probabilities(
             predictor=bundle.model,
             overlap=overlap,
             mode="gaussian",
+            padding_mode="constant",
+            cval=float(x.min()),  # pad like training patches: with the image minimum (air), not 0
             sw_device=bundle.device,
             device=torch.device("cpu"),
         )[0]

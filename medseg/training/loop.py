@@ -193,6 +193,8 @@ def predict_preprocessed(
         predictor=model,
         overlap=overlap,
         mode="gaussian",
+        padding_mode="constant",
+        cval=float(x.min()),  # pad like training patches: with the image minimum (air), not 0
         sw_device=device,
         device=torch.device("cpu"),
     )
