@@ -3,6 +3,7 @@
 # synthesise -> check -> train (3D CT and 2D chest X-ray) -> predict the held-out cases.
 set -euo pipefail
 MEDSEG="${MEDSEG:-medseg}"
+PYTHON="${PYTHON:-$(dirname "$(command -v "$MEDSEG")")/python}"
 DEMO_DIR="${DEMO_DIR:-demo_out}"
 CT_CASES="${CT_CASES:-10}"
 CXR_CASES="${CXR_CASES:-20}"
@@ -30,6 +31,10 @@ echo "== 4/5 training (3D CT, then 2D chest X-ray)"
 # shellcheck disable=SC2086
 "$MEDSEG" train --config configs/demo_chest_xray.yaml --set data.root="$DEMO_DIR/chest_xray" \
     --set train.cache_dir="$DEMO_DIR/cache" --run-dir "$DEMO_DIR/runs/chest_xray" --no-progress $TRAIN_ARGS
+
+echo "== held-out Dice (original grids)"
+"$PYTHON" scripts/heldout_dice.py --model "$DEMO_DIR/runs/ct"
+"$PYTHON" scripts/heldout_dice.py --model "$DEMO_DIR/runs/chest_xray"
 
 echo "== 5/5 prediction on the held-out cases (NIfTI, DICOM series and PNG inputs)"
 "$MEDSEG" predict --model "$DEMO_DIR/runs/ct" --input "$DEMO_DIR/ct/imagesTs" "$DEMO_DIR/ct/dicomTs" \
