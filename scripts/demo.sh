@@ -37,8 +37,11 @@ echo "== held-out Dice (original grids)"
 "$PYTHON" scripts/heldout_dice.py --model "$DEMO_DIR/runs/chest_xray"
 
 echo "== 5/5 prediction on the held-out cases (NIfTI, DICOM series and PNG inputs)"
-"$MEDSEG" predict --model "$DEMO_DIR/runs/ct" --input "$DEMO_DIR/ct/imagesTs" "$DEMO_DIR/ct/dicomTs" \
+"$MEDSEG" predict --model "$DEMO_DIR/runs/ct" --input "$DEMO_DIR/ct/imagesTs" \
     --output "$DEMO_DIR/predictions/ct" --no-progress
+# the DICOM copies have the same case ids: their own output folder
+"$MEDSEG" predict --model "$DEMO_DIR/runs/ct" --input "$DEMO_DIR/ct/dicomTs" \
+    --output "$DEMO_DIR/predictions/ct_dicom" --no-progress
 cxr_test=()
 while read -r case_id; do
     case "$case_id" in ""|\#*) continue ;; esac
@@ -53,5 +56,5 @@ echo "  CT phantoms (MSD layout):          $DEMO_DIR/ct"
 echo "  chest X-ray phantoms (SCR layout): $DEMO_DIR/chest_xray"
 echo "  trained models (run directories):  $DEMO_DIR/runs/ct  $DEMO_DIR/runs/chest_xray"
 echo "    training curves:                 $DEMO_DIR/runs/ct/curves.png  $DEMO_DIR/runs/chest_xray/curves.png"
-echo "  CT label maps (input geometry):    $DEMO_DIR/predictions/ct"
+echo "  CT label maps (input geometry):    $DEMO_DIR/predictions/ct  (DICOM inputs: $DEMO_DIR/predictions/ct_dicom)"
 echo "  chest X-ray masks (PNG per structure): $DEMO_DIR/predictions/chest_xray"
