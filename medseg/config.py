@@ -182,7 +182,7 @@ class TrainConfig(Strict):
     """Training schedule and hardware."""
 
     epochs: PositiveInt = 100
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     device: str = "auto"
     batch_size: PositiveInt = 2
     patch_size: list[PositiveInt] | None = None

@@ -115,7 +115,6 @@ def restore_to_original(
         best = np.zeros(canonical, np.float32)
         winner = np.zeros(canonical, np.uint16 if max(plan.label_values, default=0) > 255 else np.uint8)
         best[...] = -1.0
-        region = (slice(None),)  # noqa: F841 - documents that channels are handled one by one
         for k in range(probs.shape[0]):
             full = np.zeros(canonical, np.float32) if k else np.ones(canonical, np.float32)
             full[tuple(crop)] = _interp(probs[k : k + 1], crop_shape, linear=True)[0]
@@ -136,32 +135,63 @@ def restore_to_original(
 def predict_volume(
     bundle: ModelBundle, image: Volume, *, overlap: float = 0.5, batch_size: int = 2, threshold: float = 0.5
 ) -> Volume:
-    """Predict one scan; the result lies on exactly the input's grid (shape and affine)."""
+    """Predict one scan; the result lies on exactly the input's grid (shape and affine).
+
+    A 2D model accepts 2D images and single-slice 3D files (nnU-Net stores 2D data as X x Y x 1); the
+    output keeps the input's own shape either way.
+    """
+    from medseg.data.datasets import squeeze_2d
     from medseg.data.preprocess import preprocess_volume
 
+    source = image
+    if bundle.plan.spatial_dims == 2:
+        image = squeeze_2d(image)
     arr, props = preprocess_volume(image, bundle.plan)
     probs = predict_probabilities(bundle, arr, overlap=overlap, batch_size=batch_size)
     labels = restore_to_original(probs, props, bundle.plan, threshold=threshold)
-    return Volume(labels, image.affine.copy(), {"source": None, "prediction_of": image.meta.get("source")})
+    labels = labels.reshape(labels.shape[0], *source.spatial_shape)
+    meta = {k: source.meta[k] for k in ("sform_code", "qform_code") if k in source.meta}
+    return Volume(labels, source.affine.copy(), {**meta, "prediction_of": source.meta.get("source")})
 
 
-def write_prediction(pred: Volume, plan: Plan, out_dir: Path, case: str, *, source_format: str) -> list[Path]:
-    """Write ``<case>.nii.gz`` (exclusive labels) or ``<case>/<structure>.<ext>`` masks (overlapping)."""
+def output_extension(path: Path, plan: Plan) -> str:
+    """``.png`` for 2D raster or DICOM-radiograph inputs of a 2D model, else ``.nii.gz``."""
+    from medseg.io import is_dicom_file
+    from medseg.io.image2d import is_raster
+
+    if plan.spatial_dims == 2 and (is_raster(path) or is_dicom_file(path)):
+        return ".png"
+    return ".nii.gz"
+
+
+def output_path(out_dir: Path, case: str, plan: Plan, ext: str) -> Path:
+    """``<case><ext>`` (exclusive labels) or the folder ``<case>/`` of per-structure masks."""
+    return out_dir / (f"{case}{ext}" if plan.mode == "softmax" else case)
+
+
+def write_prediction(pred: Volume, plan: Plan, out_dir: Path, case: str, *, ext: str) -> list[Path]:
+    """Write ``<case><ext>`` (exclusive labels) or ``<case>/<structure><ext>`` masks (overlapping).
+
+    The mask folder is written under a temporary name and renamed when complete, so an interrupted
+    run never leaves a half-written case that a later run would skip.
+    """
+    import os
+    import shutil
+
     from medseg.io import save_label_map
 
-    written = []
-    ext = (
-        ".png"
-        if source_format in ("raster",) or (pred.spatial_dims == 2 and source_format == "dicom")
-        else ".nii.gz"
-    )
     if plan.mode == "softmax":
-        written.append(save_label_map(pred, out_dir / f"{case}{ext}"))
-    else:
-        for k, name in enumerate(plan.structure_names):
-            mask = pred.with_array(pred.array[k : k + 1] * (255 if ext == ".png" else 1))
-            written.append(save_label_map(mask, out_dir / case / f"{name}{ext}"))
-    return written
+        return [save_label_map(pred, out_dir / f"{case}{ext}")]
+    final = out_dir / case
+    tmp = out_dir / f".{case}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    scale = 255 if ext == ".png" else 1
+    for k, name in enumerate(plan.structure_names):
+        save_label_map(pred.with_array(pred.array[k : k + 1] * scale), tmp / f"{name}{ext}")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return [final / f"{name}{ext}" for name in plan.structure_names]
 
 
 def predict_files(
@@ -186,20 +216,28 @@ def predict_files(
     for p in inputs:
         if out_dir.resolve() == Path(p).resolve().parent or out_dir.resolve() == Path(p).resolve():
             raise DataError(f"--output {out_dir} is the input folder of {p}; choose another folder")
+    names: dict[str, list[str]] = {}
+    for p in inputs:
+        names.setdefault(case_id(p), []).append(str(p))
+    clashes = {n: ps for n, ps in names.items() if len(ps) > 1}
+    if clashes:
+        listing = "; ".join(f"{n}: {', '.join(ps)}" for n, ps in sorted(clashes.items()))
+        raise DataError(
+            f"several inputs would write the same output name ({listing}); predict them into separate "
+            "--output folders or rename them"
+        )
     cases, failures = [], []
     for path in tqdm(inputs, desc="predict", disable=not progress):
         name = case_id(path)
         t0 = time.time()
         try:
-            target = out_dir / (f"{name}.nii.gz" if bundle.plan.mode == "softmax" else name)
-            if target.exists() and not overwrite:
+            ext = output_extension(Path(path), bundle.plan)
+            if output_path(out_dir, name, bundle.plan, ext).exists() and not overwrite:
                 cases.append({"input": str(path), "case": name, "skipped": True})
                 continue
             vol = load_volume(path)
             pred = predict_volume(bundle, vol, overlap=overlap, batch_size=batch_size)
-            files = write_prediction(
-                pred, bundle.plan, out_dir, name, source_format=vol.meta.get("format", "")
-            )
+            files = write_prediction(pred, bundle.plan, out_dir, name, ext=ext)
             cases.append(
                 {
                     "input": str(path),
@@ -208,9 +246,10 @@ def predict_files(
                     "seconds": round(time.time() - t0, 3),
                 }
             )
-        except DataError as exc:
-            logger.error("%s: %s", path, exc)
-            failures.append({"input": str(path), "error": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - one bad input must not stop the batch
+            msg = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+            logger.error("%s: %s", path, msg)
+            failures.append({"input": str(path), "error": msg})
     manifest = {
         "model": str(bundle.run_dir),
         "checkpoint": bundle.checkpoint,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -306,10 +307,13 @@ def train(
     start_epoch, best, since_best = 0, -1.0, 0
     if resume:
         ck = load_checkpoint(ckpt_last, map_location=device)
+        _check_resumable(ck, cfg, ckpt_last)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        start_epoch, best, since_best = ck["epoch"], ck["best_metric"], ck.get("since_best", 0)
+        if ck.get("scaler"):  # empty when the run was saved without fp16 scaling (e.g. on a CPU)
+            scaler.load_state_dict(ck["scaler"])
+        start_epoch, best = ck["epoch"], ck["best_metric"]
+        since_best = 0  # patience restarts: resuming (e.g. with more epochs) is a deliberate decision
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda e: lr_factor(tc.schedule, e, tc.epochs), last_epoch=start_epoch - 1
         )
@@ -358,29 +362,19 @@ def train(
             desc=f"epoch {epoch + 1}/{tc.epochs}",
             progress=progress,
         )
-        sched.step()
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": round(train_loss, 6),
-            "lr": opt.param_groups[0]["lr"],
+            "lr": opt.param_groups[0]["lr"],  # the rate this epoch trained with
         }
+        sched.step()
         val_text = ""
         if val_ids and ((epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs):
             per = validate(model, [cached[v] for v in val_ids], plan, device, overlap=cfg.predict.overlap)
-            mean = float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
-            row["val_mean_dice"] = round(mean, 6)
-            for name, v in zip(plan.structure_names, per, strict=True):
-                row[f"val_dice_{name}"] = "" if np.isnan(v) else round(float(v), 6)
-            val_text = (
-                f"  val Dice {mean:.4f} ("
-                + ", ".join(f"{n} {v:.3f}" for n, v in zip(plan.structure_names, per, strict=True))
-                + ")"
-            )
-            if writer is not None:
-                writer.add_scalar("val/mean_dice", mean, epoch + 1)
-                for name, v in zip(plan.structure_names, per, strict=True):
-                    writer.add_scalar(f"val/dice_{name}", float(v), epoch + 1)
-            if mean > best:
+            mean, val_text = _record_validation(per, plan, row, writer, epoch + 1)
+            if np.isnan(mean):
+                pass  # nothing to compare (no structure in the validation cases or predictions)
+            elif mean > best:
                 best, since_best = mean, 0
                 _save(
                     run_dir / "checkpoints" / "best.pt",
@@ -403,6 +397,8 @@ def train(
             writer.flush()
         metrics.append(row)
         _save(ckpt_last, model, opt, sched, scaler, epoch + 1, best, since_best, cfg, plan)
+        if not val_ids:  # nothing to select on: the latest model is the best one
+            shutil.copyfile(ckpt_last, run_dir / "checkpoints" / "best.pt")
         plot_curves(metrics, run_dir / "curves.png", plan.structure_names)
         logger.info(
             "epoch %d/%d  loss %.4f  lr %.2e  %.1fs%s",
@@ -416,10 +412,6 @@ def train(
         if tc.early_stopping is not None and since_best >= tc.early_stopping:
             logger.info("early stopping: no improvement in %d validations", since_best)
             break
-    if not val_ids and not (run_dir / "checkpoints" / "best.pt").exists() and ckpt_last.exists():
-        import shutil
-
-        shutil.copyfile(ckpt_last, run_dir / "checkpoints" / "best.pt")
     if writer is not None:
         writer.close()
     return run_dir
@@ -480,6 +472,36 @@ def validate(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: structure never present
         return np.nanmean(arr, axis=0)
+
+
+def _record_validation(
+    per: np.ndarray, plan: Plan, row: dict[str, Any], writer: Any, epoch: int
+) -> tuple[float, str]:
+    """Put per-structure Dice into the metrics row and TensorBoard; returns (mean, log text)."""
+    mean = float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
+    row["val_mean_dice"] = "" if np.isnan(mean) else round(mean, 6)
+    for name, v in zip(plan.structure_names, per, strict=True):
+        row[f"val_dice_{name}"] = "" if np.isnan(v) else round(float(v), 6)
+    if writer is not None:
+        writer.add_scalar("val/mean_dice", mean, epoch)
+        for name, v in zip(plan.structure_names, per, strict=True):
+            writer.add_scalar(f"val/dice_{name}", float(v), epoch)
+    pairs = ", ".join(f"{n} {v:.3f}" for n, v in zip(plan.structure_names, per, strict=True))
+    return mean, f"  val Dice {mean:.4f} ({pairs})"
+
+
+def _check_resumable(ck: dict[str, Any], cfg: Config, path: Path) -> None:
+    """Refuse to resume with a different network; warn when other settings changed."""
+    saved = ck.get("model_config")
+    now = cfg.model.model_dump(mode="json")
+    if saved is not None and saved != now:
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise ConfigError(
+            f"{path}: cannot resume: the model section changed ({', '.join(f'model.{k}' for k in diff)}: "
+            f"{[saved.get(k) for k in diff]} -> {[now.get(k) for k in diff]}); start a new --run-dir instead"
+        )
+    if ck.get("config_hash") and ck["config_hash"] != config_hash(cfg):
+        logger.warning("resuming with a changed config (hash %s -> %s)", ck["config_hash"], config_hash(cfg))
 
 
 def _float(out: Any) -> Any:

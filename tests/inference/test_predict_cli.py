@@ -146,3 +146,87 @@ def test_refuses_to_write_into_the_input_folder(
     )
     assert code == 2
     assert "input folder" in capsys.readouterr().err
+
+
+def test_duplicate_case_names_are_refused(
+    bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    a = save_volume(_scan(AFFINES["RAS"]), tmp_path / "a" / "scan.nii.gz")
+    b = save_volume(_scan(AFFINES["LPS"]), tmp_path / "b" / "scan.nii.gz")
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(bundle),
+            "--input",
+            str(a),
+            str(b),
+            "--output",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "same output name" in err and str(a) in err and str(b) in err
+
+
+@pytest.fixture(scope="module")
+def bundle_2d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("run2d")
+    plan = Plan(
+        spatial_dims=2,
+        modality="xray",
+        mode="sigmoid",
+        structure_names=("lung", "clavicle"),
+        label_values=(),
+        in_channels=1,
+        target_spacing_mm=(2.0, 2.0),
+        patch_size=(32, 32),
+        normalization=(ChannelNorm("zscore"),),
+        crop_to_body=False,
+    )
+    plan.save(run / "plan.json")
+    cfg = ModelConfig(name="monai_unet", channels=[4, 8, 16])
+    net = create_model(cfg, spatial_dims=2, in_channels=1, out_channels=2, patch_size=plan.patch_size)
+    (run / "checkpoints").mkdir()
+    torch.save(
+        {"model": net.state_dict(), "model_config": cfg.model_dump(mode="json")},
+        run / "checkpoints" / "best.pt",
+    )
+    return run
+
+
+def test_2d_model_on_png_and_single_slice_nifti(bundle_2d: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    png = save_volume(
+        Volume(rng.integers(0, 255, (1, 50, 40)).astype(np.uint8), np.eye(4)), tmp_path / "in" / "x.png"
+    )
+    aff = np.diag([0.5, 0.5, 1.0, 1.0])
+    nii = save_volume(
+        Volume(rng.random((1, 50, 40, 1)).astype(np.float32), aff), tmp_path / "in" / "y.nii.gz"
+    )
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(bundle_2d),
+                "--input",
+                str(png),
+                str(nii),
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    for s in ("lung", "clavicle"):
+        m = load_volume(out / "x" / f"{s}.png")
+        assert m.spatial_shape == (50, 40) and set(np.unique(m.array)) <= {0, 255}
+        n = nib.load(str(out / "y" / f"{s}.nii.gz"))
+        assert n.shape == (50, 40, 1)
+        np.testing.assert_array_equal(n.affine, nib.load(str(nii)).affine)
+    assert not list(out.glob(".*tmp*")), "temporary mask folder left behind"

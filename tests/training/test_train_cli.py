@@ -161,3 +161,18 @@ def test_resume_after_sigkill_matches_uninterrupted_run(phantoms: dict[str, Path
     for a, b in zip(rows, ref_rows, strict=True):
         assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-5)
         assert float(a["val_mean_dice"]) == pytest.approx(float(b["val_mean_dice"]), abs=1e-6)
+
+
+def test_resume_with_a_different_model_is_refused(
+    phantoms: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    assert (
+        main(_args("demo_chest_xray.yaml", phantoms["cxr"], phantoms["cache"], run, TINY_CXR, epochs=1)) == 0
+    )
+    capsys.readouterr()
+    code = main(
+        ["train", "--run-dir", str(run), "--resume", "--no-progress", "--set", "model.channels=[4,8,32]"]
+    )
+    assert code == 2
+    assert "model.channels" in capsys.readouterr().err
