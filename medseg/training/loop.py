@@ -249,6 +249,11 @@ def train(
             f"{run_dir} already holds a trained run; pass --resume to continue it or choose a new --run-dir"
         )
 
+    ck = None
+    if resume:  # check before anything in the run directory is rewritten
+        ck = load_checkpoint(ckpt_last, map_location=device)
+        _check_resumable(ck, cfg, ckpt_last)
+
     dataset = load_dataset(cfg.data)
     train_ids, val_ids = split_validation([c.case_id for c in dataset.train_cases], tc.val_fraction, tc.seed)
     if not train_ids:
@@ -305,9 +310,7 @@ def train(
 
     metrics = MetricsCSV(run_dir / "metrics.csv", plan.structure_names)
     start_epoch, best, since_best = 0, -1.0, 0
-    if resume:
-        ck = load_checkpoint(ckpt_last, map_location=device)
-        _check_resumable(ck, cfg, ckpt_last)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if ck.get("scaler"):  # empty when the run was saved without fp16 scaling (e.g. on a CPU)
