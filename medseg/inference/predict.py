@@ -4,7 +4,8 @@ the inverse geometry, so the written label map has exactly the input's shape and
 This is the first slice of the inference issue: probabilities are restored to the original grid
 (linear resampling of each class's probability, then argmax/threshold — never nearest-neighbour on
 labels) one class at a time, which bounds memory to two full-resolution float maps plus the
-preprocessed-grid probabilities. Slab-wise accumulation for very large scans is still to come.
+preprocessed-grid probabilities; then the optional post-processing of :mod:`medseg.inference.postprocess`
+(from the run's ``config.yaml``). Slab-wise accumulation for very large scans is still to come.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from medseg.data.plan import Plan
 from medseg.errors import DataError
+from medseg.inference.postprocess import PostProcessing, postprocess_label_map, postprocess_masks
 from medseg.types import Volume
 
 logger = logging.getLogger(__name__)
@@ -35,11 +37,12 @@ class ModelBundle:
     device: Any
     checkpoint: str
     meta: dict[str, Any] = field(default_factory=dict)
+    postprocessing: PostProcessing = field(default_factory=PostProcessing)
 
 
 def load_bundle(run_dir: str | Path, *, device: str = "auto", checkpoint: str = "best") -> ModelBundle:
-    """Load ``plan.json`` and ``checkpoints/<checkpoint>.pt`` from a run directory."""
-
+    """Load ``plan.json``, ``checkpoints/<checkpoint>.pt`` and the post-processing settings of
+    ``config.yaml`` from a run directory."""
     from medseg.config import ModelConfig
     from medseg.models.unet import create_model
     from medseg.training.checkpoint import load_checkpoint
@@ -67,7 +70,28 @@ def load_bundle(run_dir: str | Path, *, device: str = "auto", checkpoint: str = 
     model.load_state_dict(ck["model"])
     model.to(dev).eval()
     return ModelBundle(
-        run_dir, plan, model, dev, path.name, {"epoch": ck.get("epoch"), "config_hash": ck.get("config_hash")}
+        run_dir,
+        plan,
+        model,
+        dev,
+        path.name,
+        {"epoch": ck.get("epoch"), "config_hash": ck.get("config_hash")},
+        _postprocessing(run_dir),
+    )
+
+
+def _postprocessing(run_dir: Path) -> PostProcessing:
+    """Post-processing settings from the run's ``config.yaml`` (none if the file is missing)."""
+    from medseg.config import load_config
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return PostProcessing()
+    cfg = load_config(path, resolve_paths=False)
+    return PostProcessing(
+        single=frozenset(cfg.data.single_component),
+        min_component_mm3=cfg.predict.min_component_mm3,
+        fill_holes=cfg.predict.fill_holes,
     )
 
 
@@ -149,6 +173,14 @@ def predict_volume(
     arr, props = preprocess_volume(image, bundle.plan)
     probs = predict_probabilities(bundle, arr, overlap=overlap, batch_size=batch_size)
     labels = restore_to_original(probs, props, bundle.plan, threshold=threshold)
+    plan, pp = bundle.plan, bundle.postprocessing
+    if pp.active:
+        if plan.mode == "softmax":
+            labels = postprocess_label_map(
+                labels, plan.label_values, plan.structure_names, image.spacing_mm, pp
+            )
+        else:
+            labels = postprocess_masks(labels, plan.structure_names, image.spacing_mm, pp)
     labels = labels.reshape(labels.shape[0], *source.spatial_shape)
     meta = {k: source.meta[k] for k in ("sform_code", "qform_code") if k in source.meta}
     return Volume(labels, source.affine.copy(), {**meta, "prediction_of": source.meta.get("source")})
