@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from medseg.config import load_config
     from medseg.data.datasets import load_case, load_dataset
     from medseg.inference.predict import load_bundle, predict_volume
+    from medseg.metrics.overlap import count_overlaps, count_overlaps_masks, dice
 
     overrides = [f"data.root={args.data}"] if args.data else []
     cfg = load_config(args.model / "config.yaml", overrides)
@@ -45,14 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         if ref is None:
             continue
         pred = predict_volume(bundle, image, threshold=cfg.predict.threshold)
-        scores = {}
-        for k, name in enumerate(plan.structure_names):
-            if plan.mode == "softmax":
-                p, g = pred.array[0] == plan.label_values[k], ref.array[0] == plan.label_values[k]
-            else:
-                p, g = pred.array[k] > 0, ref.array[k] > 0
-            denom = int(p.sum()) + int(g.sum())
-            scores[name] = float("nan") if denom == 0 else 2.0 * int((p & g).sum()) / denom
+        if plan.mode == "softmax":
+            counts = count_overlaps(pred.array[0], ref.array[0], plan.label_values)
+        else:
+            counts = count_overlaps_masks(pred.array > 0, ref.array > 0)
+        scores = {name: dice(c) for name, c in zip(plan.structure_names, counts.values(), strict=True)}
         rows.append({"case": case.case_id, **scores})
     if not rows:
         print(f"no labelled held-out cases in {cfg.data.root}", file=sys.stderr)

@@ -93,13 +93,11 @@ class Plan:
         return cls(**d)
 
     def save(self, path: str | Path) -> Path:
-        from medseg.io.nifti import atomic_target
+        from medseg.io._atomic import atomic_write
 
-        path = Path(path)
-        tmp = atomic_target(path)
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
-        return path
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

@@ -31,6 +31,7 @@ from medseg.data.geometry import (
 )
 from medseg.data.plan import Plan
 from medseg.errors import DataError
+from medseg.io._atomic import atomic_write
 from medseg.types import Volume
 
 logger = logging.getLogger(__name__)
@@ -193,14 +194,27 @@ class CachedCase:
         p = self.folder / f"{self.case_id}_weights.npy"
         return np.load(p, mmap_mode="r") if p.exists() else None
 
+    def locations(self, mode: str) -> dict[int, np.ndarray]:
+        """Voxel coordinates per present class (see :func:`~medseg.data.sampling.class_locations`),
+        stored at preprocessing time so training never scans a label volume; computed if missing."""
+        p = self.folder / f"{self.case_id}_locations.npz"
+        if p.exists():
+            with np.load(p) as z:
+                return {int(k): z[k] for k in z.files}
+        label = self.label()
+        if label is None:
+            return {}
+        from medseg.data.sampling import class_locations
+
+        return class_locations(label, mode)
+
     def props(self) -> dict[str, Any]:
         return json.loads((self.folder / f"{self.case_id}_props.json").read_text())
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
-    np.save(tmp, np.ascontiguousarray(arr))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        np.save(tmp, np.ascontiguousarray(arr))
 
 
 def cache_case(case: Any, plan: Plan, data_cfg: Any, cache_dir: Path) -> CachedCase:
@@ -228,13 +242,21 @@ def cache_case(case: Any, plan: Plan, data_cfg: Any, cache_dir: Path) -> CachedC
             _save_npy(path, arr)
         elif path.exists():
             path.unlink()
+    locations_path = folder / f"{case.case_id}_locations.npz"
+    if pre.label is not None:
+        from medseg.data.sampling import class_locations
+
+        locs = class_locations(pre.label, plan.mode)
+        with atomic_write(locations_path) as tmp:
+            np.savez(tmp, **{str(k): v for k, v in locs.items()})
+    elif locations_path.exists():
+        locations_path.unlink()
     props = {
         **pre.props,
         "source_stamp": stamp,
         "case_id": case.case_id,
         "pad_value": float(pre.image[0].min()) if pre.image.size else 0.0,
     }
-    tmp = props_path.with_name(f".{props_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(props))
-    os.replace(tmp, props_path)  # written last: its presence marks a complete entry
+    with atomic_write(props_path) as tmp:  # written last: its presence marks a complete entry
+        tmp.write_text(json.dumps(props))
     return cached

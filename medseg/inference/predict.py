@@ -22,6 +22,7 @@ import numpy as np
 from medseg.data.plan import Plan
 from medseg.errors import DataError
 from medseg.inference.postprocess import PostProcessing, postprocess_label_map, postprocess_masks
+from medseg.io._atomic import atomic_write
 from medseg.types import Volume
 
 logger = logging.getLogger(__name__)
@@ -100,23 +101,13 @@ def predict_probabilities(
 ) -> np.ndarray:
     """Sliding-window (Gaussian-blended) probabilities ``(K, *spatial)`` float32 on a preprocessed image."""
     import torch
-    from monai.inferers import sliding_window_inference
 
-    x = torch.from_numpy(np.array(image, dtype=np.float32))[None]
-    with torch.no_grad():
-        logits = sliding_window_inference(
-            x,
-            roi_size=bundle.plan.patch_size,
-            sw_batch_size=batch_size,
-            predictor=bundle.model,
-            overlap=overlap,
-            mode="gaussian",
-            padding_mode="constant",
-            cval=float(x.min()),  # pad like training patches: with the image minimum (air), not 0
-            sw_device=bundle.device,
-            device=torch.device("cpu"),
-        )[0]
-        probs = torch.softmax(logits, 0) if bundle.plan.mode == "softmax" else torch.sigmoid(logits)
+    from medseg.inference.sliding_window import sliding_window_logits
+
+    logits = sliding_window_logits(
+        bundle.model, image, bundle.plan.patch_size, bundle.device, overlap=overlap, batch_size=batch_size
+    )
+    probs = torch.softmax(logits, 0) if bundle.plan.mode == "softmax" else torch.sigmoid(logits)
     return probs.numpy().astype(np.float32, copy=False)
 
 
@@ -130,7 +121,7 @@ def restore_to_original(
     inverse of the forward resampling), placed into the canonical grid (outside the crop: background),
     and the result is reoriented back to the input's storage order.
     """
-    from medseg.data.geometry import _interp, invert_ornt, reorient
+    from medseg.data.geometry import invert_ornt, reorient, resample_image
 
     crop = [slice(a, b) for a, b in props["crop"]]
     crop_shape = tuple(s.stop - s.start for s in crop)
@@ -141,7 +132,7 @@ def restore_to_original(
         best[...] = -1.0
         for k in range(probs.shape[0]):
             full = np.zeros(canonical, np.float32) if k else np.ones(canonical, np.float32)
-            full[tuple(crop)] = _interp(probs[k : k + 1], crop_shape, linear=True)[0]
+            full[tuple(crop)] = resample_image(probs[k : k + 1], crop_shape)[0]
             upd = full > best
             best[upd] = full[upd]
             winner[upd] = 0 if k == 0 else plan.label_values[k - 1]
@@ -149,7 +140,7 @@ def restore_to_original(
     else:
         out = np.zeros((probs.shape[0], *canonical), np.uint8)
         for k in range(probs.shape[0]):
-            out[k][tuple(crop)] = _interp(probs[k : k + 1], crop_shape, linear=True)[0] >= threshold
+            out[k][tuple(crop)] = resample_image(probs[k : k + 1], crop_shape)[0] >= threshold
     back, _ = reorient(out, np.eye(4), invert_ornt(np.asarray(props["ornt"])))
     if tuple(back.shape[1:]) != tuple(props["original_shape"]):
         raise AssertionError(f"restored shape {back.shape[1:]} != input shape {props['original_shape']}")
@@ -289,5 +280,6 @@ def predict_files(
         "cases": cases,
         "failures": failures,
     }
-    (out_dir / "predict.json").write_text(json.dumps(manifest, indent=2))
+    with atomic_write(out_dir / "predict.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -8,7 +8,6 @@ colour images are converted to luminance (ITU-R BT.601 weights) with a note in `
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +56,8 @@ def write_raster(vol: Volume, path: str | Path) -> Path:
     """Write a single-channel 2D Volume as PNG (uint8 or uint16), atomically."""
     import SimpleITK as sitk
 
+    from medseg.io._atomic import atomic_write
     from medseg.io._sitk import volume_to_sitk
-    from medseg.io.nifti import atomic_target
 
     path = Path(path)
     if vol.spatial_dims != 2 or vol.num_channels != 1:
@@ -69,12 +68,6 @@ def write_raster(vol: Volume, path: str | Path) -> Path:
             raise DataError(f"{path}: PNG stores integers 0..65535; got values {arr.min()}..{arr.max()}")
         arr = arr.astype(np.uint8 if arr.max() <= 255 else np.uint16)
     img = volume_to_sitk(vol.with_array(arr))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_target(path)
-    try:
+    with atomic_write(path) as tmp:
         sitk.WriteImage(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

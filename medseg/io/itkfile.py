@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from medseg.errors import DataError
@@ -37,17 +36,11 @@ def write_itk_file(vol: Volume, path: str | Path) -> Path:
     """Write a single-channel Volume as NRRD/MetaImage (compressed), atomically."""
     import SimpleITK as sitk
 
+    from medseg.io._atomic import atomic_write
     from medseg.io._sitk import volume_to_sitk
-    from medseg.io.nifti import atomic_target
 
     path = Path(path)
     img = volume_to_sitk(vol)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_target(path)
-    try:
+    with atomic_write(path) as tmp:
         sitk.WriteImage(img, str(tmp), useCompression=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -7,13 +7,13 @@ scanner coordinates) — the format's own limit.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medseg.errors import DataError
+from medseg.io._atomic import atomic_write
 from medseg.types import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -59,14 +59,6 @@ def read_nifti(path: str | Path) -> Volume:
     return Volume(np.ascontiguousarray(arr), np.asarray(img.affine, dtype=np.float64), meta)
 
 
-def atomic_target(path: Path) -> Path:
-    """A temporary sibling path with the same suffixes (so writers pick the right format)."""
-    name = path.name
-    suffix = "".join(path.suffixes) if name.endswith(".nii.gz") else path.suffix
-    stem = name[: len(name) - len(suffix)] if suffix else name
-    return path.with_name(f".{stem}.tmp-{os.getpid()}{suffix}")
-
-
 def write_nifti(vol: Volume, path: str | Path, *, dtype: Any | None = None) -> Path:
     """Write a Volume as NIfTI atomically (temp file + rename). sform and qform both carry the affine."""
     import nibabel as nib
@@ -85,12 +77,6 @@ def write_nifti(vol: Volume, path: str | Path, *, dtype: Any | None = None) -> P
     img.set_sform(vol.affine, code=code)
     img.set_qform(vol.affine, code=qcode)
     img.header.set_xyzt_units("mm", "sec")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_target(path)
-    try:
+    with atomic_write(path) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -26,7 +26,7 @@ from medseg.config import Config, config_hash
 from medseg.data.augment import Augmenter
 from medseg.data.plan import Plan
 from medseg.data.preprocess import CachedCase
-from medseg.data.sampling import class_locations, sample_patch
+from medseg.data.sampling import sample_patch
 from medseg.errors import ConfigError, DataError
 from medseg.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medseg.training.run_dir import MetricsCSV, plot_curves, write_bundle_files
@@ -74,7 +74,7 @@ def _load_train_case(cc: CachedCase, mode: str) -> TrainCase:
         image,
         label,
         cc.weights(),
-        class_locations(label, mode),
+        cc.locations(mode),
         float(props.get("pad_value", float(np.min(image[0])))),
     )
 
@@ -123,7 +123,6 @@ class PatchDataset(torch.utils.data.Dataset):
         out = {
             "image": torch.from_numpy(np.ascontiguousarray(d["image"], dtype=np.float32)),
             "label": torch.from_numpy(np.ascontiguousarray(d["label"]).astype(np.int64)),
-            "forced": torch.tensor(force),
         }
         if d.get("weights") is not None:
             out["weights"] = torch.from_numpy(np.ascontiguousarray(d["weights"], dtype=np.float32))
@@ -160,15 +159,13 @@ def dice_per_structure(pred: np.ndarray, ref: np.ndarray, plan: Plan) -> list[fl
 
     softmax: ``pred``/``ref`` are ``(*spatial)`` class-index maps; sigmoid: ``(S, *spatial)`` masks.
     """
-    out = []
-    for i in range(len(plan.structure_names)):
-        if plan.mode == "softmax":
-            p, g = pred == i + 1, ref == i + 1
-        else:
-            p, g = pred[i].astype(bool), ref[i].astype(bool)
-        denom = int(p.sum()) + int(g.sum())
-        out.append(float("nan") if denom == 0 else 2.0 * int((p & g).sum()) / denom)
-    return out
+    from medseg.metrics.overlap import count_overlaps, count_overlaps_masks, dice
+
+    if plan.mode == "softmax":
+        counts = count_overlaps(pred, np.asarray(ref), range(1, len(plan.structure_names) + 1))
+    else:
+        counts = count_overlaps_masks(pred, np.asarray(ref))
+    return [dice(c) for c in counts.values()]
 
 
 @torch.no_grad()
@@ -181,28 +178,15 @@ def predict_preprocessed(
     overlap: float = 0.5,
     batch_size: int = 2,
 ) -> np.ndarray:
-    """Sliding-window probabilities on a preprocessed ``(C, *spatial)`` image → labels on that grid."""
-    from monai.inferers import sliding_window_inference
+    """Sliding-window labels on the preprocessed grid: argmax (softmax) or logit > 0 (sigmoid)."""
+    from medseg.inference.sliding_window import sliding_window_logits
 
-    x = torch.from_numpy(np.array(image, dtype=np.float32))[None]
-    was_training = model.training
-    model.eval()
-    logits = sliding_window_inference(
-        x,
-        roi_size=plan.patch_size,
-        sw_batch_size=batch_size,
-        predictor=model,
-        overlap=overlap,
-        mode="gaussian",
-        padding_mode="constant",
-        cval=float(x.min()),  # pad like training patches: with the image minimum (air), not 0
-        sw_device=device,
-        device=torch.device("cpu"),
+    logits = sliding_window_logits(
+        model, image, plan.patch_size, device, overlap=overlap, batch_size=batch_size
     )
-    model.train(was_training)
     if plan.mode == "softmax":
-        return logits[0].argmax(0).numpy().astype(np.uint8)
-    return (logits[0] > 0).numpy().astype(np.uint8)
+        return logits.argmax(0).numpy().astype(np.uint8)
+    return (logits > 0).numpy().astype(np.uint8)
 
 
 def _swap_pairs(plan: Plan) -> list[tuple[int, int]]:

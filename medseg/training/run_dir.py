@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import platform
 import subprocess
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.config import Config, config_hash, config_to_yaml
+from medseg.io._atomic import atomic_write
 
 
 def new_run_dir(cfg: Config, base: str | Path = "runs") -> Path:
@@ -29,9 +29,8 @@ def new_run_dir(cfg: Config, base: str | Path = "runs") -> Path:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def git_commit() -> str | None:
@@ -114,13 +113,11 @@ class MetricsCSV:
         self._write(rows)
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", newline="") as fh:
+        with atomic_write(self.path) as tmp, open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore")
             w.writeheader()
             for r in rows:
                 w.writerow(r)
-        os.replace(tmp, self.path)
 
 
 def plot_curves(metrics: MetricsCSV, path: Path, structures: Sequence[str]) -> None:
@@ -157,7 +154,6 @@ def plot_curves(metrics: MetricsCSV, path: Path, structures: Sequence[str]) -> N
     else:
         a2.text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=a2.transAxes)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)

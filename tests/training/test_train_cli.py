@@ -99,6 +99,15 @@ def test_train_two_epochs_writes_a_model_bundle(phantoms: dict[str, Path], tmp_p
     else:
         assert plan["mode"] == "sigmoid" and plan["spatial_dims"] == 2
         assert "left_clavicle" in structures
+    # class locations for foreground sampling are stored with the preprocessed case
+    from medseg.data.plan import Plan
+    from medseg.data.preprocess import CachedCase
+    from medseg.data.sampling import class_locations
+
+    folder = phantoms["cache"] / Plan.load(run / "plan.json").preprocess_key()
+    cc = CachedCase(sorted(folder.glob("*_locations.npz"))[0].name.replace("_locations.npz", ""), folder)
+    stored, fresh = cc.locations(plan["mode"]), class_locations(cc.label(), plan["mode"])
+    assert sorted(stored) == sorted(fresh) and all(np.array_equal(stored[k], fresh[k]) for k in fresh)
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert ck["epoch"] == 2 and set(ck) >= {"model", "optimizer", "scheduler", "scaler", "rng"}
 
