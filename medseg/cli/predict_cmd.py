@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from medseg.errors import MedsegError
 
@@ -26,11 +27,50 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="NIfTI/NRRD/PNG files, DICOM series folders, folders of such inputs, or .txt lists of them",
     )
     p.add_argument("--output", required=True, type=Path, help="output folder (never an input folder)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
-    p.add_argument("--batch-size", type=int, default=2, help="windows per forward pass (default 2)")
-    p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda or cuda:N for the network (default auto)"
+    )
+    g = p.add_argument_group("sliding windows (defaults: the run config's predict section)")
+    g.add_argument("--overlap", type=float, help="fraction of a window shared with its neighbour (0.5)")
+    g.add_argument("--batch-size", type=int, help="windows per forward pass (2)")
+    g.add_argument("--tta", action=argparse.BooleanOptionalAction, help="mirror test-time augmentation")
+    g.add_argument("--threshold", type=float, help="probability threshold of overlapping-structure models")
+    g.add_argument(
+        "--no-skip-air",
+        dest="skip_air",
+        action="store_false",
+        help="run windows that lie entirely in air too (CT models skip them by default)",
+    )
+    g.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="float16 logit accumulator: half the memory, rare argmax ties",
+    )
+    g.add_argument(
+        "--max-memory",
+        type=float,
+        metavar="GB",
+        help="memory the estimate may use before predicting is refused (default: what the OS reports free)",
+    )
+    o = p.add_argument_group("outputs")
+    o.add_argument(
+        "--format",
+        choices=["nifti", "dicom-seg", "both"],
+        default="nifti",
+        help="nifti: label maps/masks (PNG for 2D raster inputs); dicom-seg: <case>_seg.dcm for DICOM series "
+        "inputs (segment names from the model's labels); both",
+    )
+    o.add_argument(
+        "--save-probabilities",
+        action="store_true",
+        help="also write <case>_probabilities.npy (float16, channels first, input voxel order) + .json",
+    )
+    o.add_argument("--report", action="store_true", help="also write the organ-volume report <case>_report/")
+    o.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
+    o.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    o.add_argument(
+        "--verbose", dest="window_progress", action="store_true", help="a progress bar over windows per case"
+    )
     p.set_defaults(func=run)
 
 
@@ -67,21 +107,40 @@ def expand_inputs(items: list[Path]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medseg.inference.predict import predict_files
+    from dataclasses import replace
+
+    from medseg.inference.predict import BatchOptions, predict_files
 
     inputs = expand_inputs(args.input)
     if not inputs:
         raise MedsegError(f"no inputs found in {[str(i) for i in args.input]}")
-    manifest = predict_files(
-        args.model,
-        inputs,
-        args.output,
-        device=args.device,
-        overlap=args.overlap,
-        batch_size=args.batch_size,
+    bundle_defaults = _engine_defaults(args.model)
+    overrides = {
+        k: v
+        for k, v in {
+            "overlap": args.overlap,
+            "batch_size": args.batch_size,
+            "tta": args.tta,
+            "threshold": args.threshold,
+        }.items()
+        if v is not None
+    }
+    engine = replace(
+        bundle_defaults,
+        **overrides,
+        skip_air=args.skip_air,
+        accumulator_dtype="float16" if args.low_memory else "float32",
+        progress=args.window_progress,
+    )
+    batch = BatchOptions(
+        output_format=args.format,
+        save_probabilities=args.save_probabilities,
+        report=args.report,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        max_memory_bytes=int(args.max_memory * 2**30) if args.max_memory else None,
     )
+    manifest = predict_files(args.model, inputs, args.output, device=args.device, engine=engine, batch=batch)
     done = [c for c in manifest["cases"] if not c.get("skipped")]
     skipped = [c for c in manifest["cases"] if c.get("skipped")]
     print(
@@ -91,3 +150,12 @@ def run(args: argparse.Namespace) -> int:
     for f in manifest["failures"]:
         print(f"  failed: {f['input']}: {f['error']}")
     return 1 if manifest["failures"] else 0
+
+
+def _engine_defaults(run_dir: Path) -> Any:
+    """The run config's inference settings (checked here so a bad --model fails before any work)."""
+    from medseg.inference.predict import run_settings
+
+    if not (run_dir / "plan.json").is_file():
+        raise MedsegError(f"--model {run_dir}: not a medseg run directory (no plan.json)")
+    return run_settings(run_dir)[1]

@@ -1,36 +1,42 @@
-"""Prediction with a trained run directory: the training preprocessing, MONAI sliding windows, and
-the inverse geometry, so the written label map has exactly the input's shape and affine.
+"""Prediction with a trained run directory: the training preprocessing, sliding windows, and the
+inverse geometry, so the written label map has exactly the input's shape and affine.
 
-This is the first slice of the inference issue: probabilities are restored to the original grid
-(linear resampling of each class's probability, then argmax/threshold — never nearest-neighbour on
-labels) one class at a time, which bounds memory to two full-resolution float maps plus the
-preprocessed-grid probabilities; then the optional post-processing of :mod:`medseg.inference.postprocess`
-(from the run's ``config.yaml``). Slab-wise accumulation for very large scans is still to come.
+The work per scan is :func:`medseg.inference.engine.segment` (slab-wise: lazy preprocessing, a
+Gaussian-blended logit accumulator only a window thick, probabilities resampled to the input's grid
+before the argmax/threshold), then the optional post-processing of
+:mod:`medseg.inference.postprocess` (from the run's ``config.yaml``). :func:`predict_files` is the
+batch driver behind ``medseg predict``: memory check, outputs (NIfTI/PNG, DICOM SEG, probabilities,
+report), skip/overwrite, continue past failures, and the ``predict.json`` manifest.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from medseg.data.plan import Plan
 from medseg.errors import DataError
+from medseg.inference.engine import EngineOptions, EngineStats, ProbabilitySink
 from medseg.inference.postprocess import PostProcessing, postprocess_label_map, postprocess_masks
 from medseg.io._atomic import atomic_write
 from medseg.types import Volume
 
 logger = logging.getLogger(__name__)
 
+OutputFormat = Literal["nifti", "dicom-seg", "both"]
+
 
 @dataclass
 class ModelBundle:
-    """A loaded run directory: plan, network (eval mode) and where it came from."""
+    """A loaded run directory: plan, network (eval mode), default inference options, provenance."""
 
     run_dir: Path
     plan: Plan
@@ -39,11 +45,16 @@ class ModelBundle:
     checkpoint: str
     meta: dict[str, Any] = field(default_factory=dict)
     postprocessing: PostProcessing = field(default_factory=PostProcessing)
+    defaults: EngineOptions = field(default_factory=EngineOptions)
+
+    @property
+    def n_params(self) -> int:
+        return int(sum(p.numel() for p in self.model.parameters()))
 
 
 def load_bundle(run_dir: str | Path, *, device: str = "auto", checkpoint: str = "best") -> ModelBundle:
-    """Load ``plan.json``, ``checkpoints/<checkpoint>.pt`` and the post-processing settings of
-    ``config.yaml`` from a run directory."""
+    """Load ``plan.json``, ``checkpoints/<checkpoint>.pt`` and the ``predict`` and post-processing
+    settings of ``config.yaml`` from a run directory."""
     from medseg.config import ModelConfig
     from medseg.models.unet import create_model
     from medseg.training.checkpoint import load_checkpoint
@@ -70,6 +81,7 @@ def load_bundle(run_dir: str | Path, *, device: str = "auto", checkpoint: str = 
     )
     model.load_state_dict(ck["model"])
     model.to(dev).eval()
+    post, defaults = run_settings(run_dir)
     return ModelBundle(
         run_dir,
         plan,
@@ -77,93 +89,54 @@ def load_bundle(run_dir: str | Path, *, device: str = "auto", checkpoint: str = 
         dev,
         path.name,
         {"epoch": ck.get("epoch"), "config_hash": ck.get("config_hash")},
-        _postprocessing(run_dir),
+        post,
+        defaults,
     )
 
 
-def _postprocessing(run_dir: Path) -> PostProcessing:
-    """Post-processing settings from the run's ``config.yaml`` (none if the file is missing)."""
+def run_settings(run_dir: Path) -> tuple[PostProcessing, EngineOptions]:
+    """Post-processing and inference defaults from the run's ``config.yaml`` (built-ins if missing)."""
     from medseg.config import load_config
 
     path = run_dir / "config.yaml"
     if not path.is_file():
-        return PostProcessing()
+        return PostProcessing(), EngineOptions()
     cfg = load_config(path, resolve_paths=False)
-    return PostProcessing(
+    p = cfg.predict
+    post = PostProcessing(
         single=frozenset(cfg.data.single_component),
-        min_component_mm3=cfg.predict.min_component_mm3,
-        fill_holes=cfg.predict.fill_holes,
+        min_component_mm3=p.min_component_mm3,
+        fill_holes=p.fill_holes,
     )
-
-
-def predict_probabilities(
-    bundle: ModelBundle, image: np.ndarray, *, overlap: float = 0.5, batch_size: int = 2
-) -> np.ndarray:
-    """Sliding-window (Gaussian-blended) probabilities ``(K, *spatial)`` float32 on a preprocessed image."""
-    import torch
-
-    from medseg.inference.sliding_window import sliding_window_logits
-
-    logits = sliding_window_logits(
-        bundle.model, image, bundle.plan.patch_size, bundle.device, overlap=overlap, batch_size=batch_size
-    )
-    probs = torch.softmax(logits, 0) if bundle.plan.mode == "softmax" else torch.sigmoid(logits)
-    return probs.numpy().astype(np.float32, copy=False)
-
-
-def restore_to_original(
-    probs: np.ndarray, props: dict[str, Any], plan: Plan, *, threshold: float = 0.5
-) -> np.ndarray:
-    """Map preprocessed-grid probabilities back to the input grid and decide labels there.
-
-    softmax: returns ``(1, *original)`` label values (plan's ``label_values``); sigmoid: ``(S, *original)``
-    0/1 masks. Each class's probability is resampled linearly to the cropped canonical grid (the exact
-    inverse of the forward resampling), placed into the canonical grid (outside the crop: background),
-    and the result is reoriented back to the input's storage order.
-    """
-    from medseg.data.geometry import invert_ornt, reorient, resample_image
-
-    crop = [slice(a, b) for a, b in props["crop"]]
-    crop_shape = tuple(s.stop - s.start for s in crop)
-    canonical = tuple(props["canonical_shape"])
-    if plan.mode == "softmax":
-        best = np.zeros(canonical, np.float32)
-        winner = np.zeros(canonical, np.uint16 if max(plan.label_values, default=0) > 255 else np.uint8)
-        best[...] = -1.0
-        for k in range(probs.shape[0]):
-            full = np.zeros(canonical, np.float32) if k else np.ones(canonical, np.float32)
-            full[tuple(crop)] = resample_image(probs[k : k + 1], crop_shape)[0]
-            upd = full > best
-            best[upd] = full[upd]
-            winner[upd] = 0 if k == 0 else plan.label_values[k - 1]
-        out = winner[None]
-    else:
-        out = np.zeros((probs.shape[0], *canonical), np.uint8)
-        for k in range(probs.shape[0]):
-            out[k][tuple(crop)] = resample_image(probs[k : k + 1], crop_shape)[0] >= threshold
-    back, _ = reorient(out, np.eye(4), invert_ornt(np.asarray(props["ornt"])))
-    if tuple(back.shape[1:]) != tuple(props["original_shape"]):
-        raise AssertionError(f"restored shape {back.shape[1:]} != input shape {props['original_shape']}")
-    return back
+    return post, EngineOptions(overlap=p.overlap, batch_size=p.batch_size, tta=p.tta, threshold=p.threshold)
 
 
 def predict_volume(
-    bundle: ModelBundle, image: Volume, *, overlap: float = 0.5, batch_size: int = 2, threshold: float = 0.5
+    bundle: ModelBundle,
+    image: Volume,
+    opts: EngineOptions | None = None,
+    *,
+    threshold: float | None = None,
+    sink: ProbabilitySink | None = None,
+    stats: EngineStats | None = None,
 ) -> Volume:
     """Predict one scan; the result lies on exactly the input's grid (shape and affine).
 
-    A 2D model accepts 2D images and single-slice 3D files (nnU-Net stores 2D data as X x Y x 1); the
-    output keeps the input's own shape either way.
+    Runs :func:`medseg.inference.engine.segment` (slab-wise, memory-bounded) and then the run's
+    post-processing. ``opts`` defaults to the run config's ``predict`` section; ``threshold``
+    overrides the sigmoid threshold. A 2D model accepts 2D images and single-slice 3D files (nnU-Net
+    stores 2D data as X x Y x 1); the output keeps the input's own shape either way.
     """
     from medseg.data.datasets import squeeze_2d
-    from medseg.data.preprocess import preprocess_volume
+    from medseg.inference.engine import segment
 
+    opts = opts or bundle.defaults
+    if threshold is not None:
+        opts = replace(opts, threshold=threshold)
     source = image
     if bundle.plan.spatial_dims == 2:
         image = squeeze_2d(image)
-    arr, props = preprocess_volume(image, bundle.plan)
-    probs = predict_probabilities(bundle, arr, overlap=overlap, batch_size=batch_size)
-    labels = restore_to_original(probs, props, bundle.plan, threshold=threshold)
+    labels = segment(image, bundle.plan, bundle.model, bundle.device, opts, sink=sink, stats=stats)
     plan, pp = bundle.plan, bundle.postprocessing
     if pp.active:
         if plan.mode == "softmax":
@@ -198,9 +171,6 @@ def write_prediction(pred: Volume, plan: Plan, out_dir: Path, case: str, *, ext:
     The mask folder is written under a temporary name and renamed when complete, so an interrupted
     run never leaves a half-written case that a later run would skip.
     """
-    import os
-    import shutil
-
     from medseg.io import save_label_map
 
     if plan.mode == "softmax":
@@ -217,67 +187,323 @@ def write_prediction(pred: Volume, plan: Plan, out_dir: Path, case: str, *, ext:
     return [final / f"{name}{ext}" for name in plan.structure_names]
 
 
+class ProbabilityWriter:
+    """Writes the probabilities of one scan, float16 ``(K, *shape)`` in the input's storage order, to
+    ``<case>_probabilities.npy`` (a memory-mappable ``.npy``) as the engine finalises them, plus
+    ``<case>_probabilities.json`` (channel names, affine). Voxels outside the body crop are background.
+
+    NIfTI has no float16 type, hence ``.npy``; it is written under a temporary name and renamed by
+    :meth:`close`, so a crash never leaves a file that looks complete.
+    """
+
+    def __init__(self, out_dir: Path, case: str, image: Volume, plan: Plan) -> None:
+        from medseg.data.geometry import canonical_ornt
+        from medseg.inference.engine import oriented_view
+
+        self.final = out_dir / f"{case}_probabilities.npy"
+        self.tmp = out_dir / f".{case}_probabilities.tmp-{os.getpid()}.npy"
+        shape = (plan.out_channels, *image.spatial_shape)
+        self.mm = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float16, shape=shape)
+        if plan.mode == "softmax":
+            self.mm[0] = 1.0
+        self.view = oriented_view(self.mm, canonical_ornt(image.affine, image.spatial_dims))
+        names = (
+            ["background", *plan.structure_names] if plan.mode == "softmax" else list(plan.structure_names)
+        )
+        self.sidecar = {
+            "channels": names,
+            "mode": plan.mode,
+            "shape": list(shape),
+            "affine": image.affine.tolist(),
+            "order": "channel first, then the input file's own voxel order",
+        }
+
+    def __call__(self, box: tuple[slice, ...], probs: np.ndarray) -> None:
+        self.view[(slice(None), *box)] = np.moveaxis(probs, 0, -1)
+
+    def close(self) -> list[Path]:
+        self.mm.flush()
+        del self.mm, self.view
+        os.replace(self.tmp, self.final)
+        side = self.final.with_suffix(".json")
+        with atomic_write(side) as tmp:
+            tmp.write_text(json.dumps(self.sidecar, indent=2))
+        return [self.final, side]
+
+    def abort(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """What :func:`predict_files` writes and how it treats existing outputs and memory."""
+
+    output_format: OutputFormat = "nifti"
+    save_probabilities: bool = False
+    report: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    max_memory_bytes: int | None = None  # None: the kernel's MemAvailable
+
+
+def group_inputs(inputs: list[Path], in_channels: int) -> list[tuple[str, list[Path]]]:
+    """Inputs -> ``(case, [channel files])``; a multi-channel model takes ``<case>_0000``,
+    ``<case>_0001``, ... (nnU-Net naming) as the channels of one case.
+
+    Raises :class:`DataError` when two inputs would write the same output, or a case lacks channels.
+    """
+    from medseg.io import case_id
+
+    groups: dict[str, list[Path]] = {}
+    for p in inputs:
+        groups.setdefault(case_id(p), []).append(Path(p))
+    if in_channels == 1:
+        clashes = {n: ps for n, ps in groups.items() if len(ps) > 1}
+        if clashes:
+            listing = "; ".join(f"{n}: {', '.join(map(str, ps))}" for n, ps in sorted(clashes.items()))
+            raise DataError(
+                f"several inputs would write the same output name ({listing}); predict them into separate "
+                "--output folders or rename them"
+            )
+        return [(n, ps) for n, ps in groups.items()]
+    out = []
+    for name, paths in groups.items():
+        paths = sorted(paths, key=lambda p: p.name)
+        want = [f"_{c:04d}" for c in range(in_channels)]
+        got = [p.name[len(name) : len(name) + 5] for p in paths]
+        if got != want:
+            raise DataError(
+                f"case {name}: the model takes {in_channels} channels as {name}_0000 ... "
+                f"{name}_{in_channels - 1:04d}; found {[p.name for p in paths]}"
+            )
+        out.append((name, paths))
+    return out
+
+
+def load_channels(paths: list[Path]) -> Volume:
+    """One file per channel -> one multi-channel Volume (all on the same grid)."""
+    from medseg.io import load_volume
+    from medseg.types import same_physical_grid
+
+    vols = [load_volume(p) for p in paths]
+    if len(vols) == 1:
+        return vols[0]
+    for p, v in zip(paths[1:], vols[1:], strict=True):
+        if not same_physical_grid(vols[0], v):
+            raise DataError(
+                f"{p}: channel grid {v.spatial_shape} {v.spacing_mm} differs from {paths[0]} "
+                f"{vols[0].spatial_shape} {vols[0].spacing_mm}; all channels of a case must share one grid"
+            )
+    return vols[0].with_array(np.concatenate([v.array for v in vols]))
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import monai
+    import nibabel
+    import SimpleITK
+    import torch
+
+    from medseg._version import __version__
+
+    return {
+        "medseg": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": np.__version__,
+        "nibabel": nibabel.__version__,
+        "SimpleITK": SimpleITK.Version_VersionString(),
+    }
+
+
+def check_memory(vol: Volume, bundle: ModelBundle, opts: EngineOptions, limit: int | None) -> dict[str, int]:
+    """Estimate what predicting ``vol`` needs, log it, and refuse (:class:`DataError`) if it won't fit."""
+    from medseg.inference.engine import available_memory, estimate_memory
+
+    est = estimate_memory(vol, bundle.plan, opts, params=bundle.n_params)
+    avail = limit if limit is not None else available_memory()
+    gb = 2.0**30
+    logger.info(
+        "%s: memory needed ~%.2f GB (accumulator %.2f GB, output %.2f GB), available %s",
+        vol.meta.get("source", "scan"),
+        est["total"] / gb,
+        est["accumulator"] / gb,
+        est["output"] / gb,
+        f"{avail / gb:.2f} GB" if avail is not None else "unknown",
+    )
+    if avail is not None and est["total"] > avail:
+        hints = []
+        if opts.accumulator_dtype == "float32":
+            hints.append(f"--low-memory (float16 accumulator, saves ~{est['accumulator'] / 2 / gb:.2f} GB)")
+        if opts.batch_size > 1:
+            hints.append("a smaller --batch-size")
+        hints.append("--max-memory GB to override the check")
+        src, k = vol.meta.get("source", "scan"), bundle.plan.out_channels
+        raise DataError(
+            f"{src}: predicting {vol.spatial_shape} needs ~{est['total'] / gb:.2f} GB (accumulator "
+            f"{est['accumulator'] / gb:.2f} GB for {k} channels), but only {avail / gb:.2f} GB is "
+            "available; lower it with " + ", or ".join(hints)
+        )
+    return est
+
+
+def _expected_outputs(out_dir: Path, case: str, path: Path, plan: Plan, fmt: OutputFormat) -> list[Path]:
+    outs = []
+    if fmt in ("nifti", "both"):
+        outs.append(output_path(out_dir, case, plan, output_extension(path, plan)))
+    if fmt in ("dicom-seg", "both"):
+        outs.append(out_dir / f"{case}_seg.dcm")
+    return outs
+
+
+def predict_case(
+    bundle: ModelBundle,
+    paths: list[Path],
+    out_dir: Path,
+    case: str,
+    opts: EngineOptions,
+    batch: BatchOptions,
+) -> dict[str, Any]:
+    """Predict one case (its channel files) and write every requested output; returns its manifest row."""
+    from medseg.data.datasets import squeeze_2d
+
+    t0 = time.perf_counter()
+    source = paths[0]
+    if batch.output_format != "nifti" and not source.is_dir():
+        raise DataError(
+            f"{source}: --format {batch.output_format} needs a DICOM series folder as input (a DICOM SEG "
+            "references the scan's instances); use --format nifti for this input"
+        )
+    vol = load_channels(paths)
+    t_read = time.perf_counter()
+    image = squeeze_2d(vol) if bundle.plan.spatial_dims == 2 else vol
+    est = check_memory(image, bundle, opts, batch.max_memory_bytes)
+    stats = EngineStats()
+    writer = None
+    if batch.save_probabilities:
+        writer = ProbabilityWriter(out_dir, case, image, bundle.plan)
+    try:
+        pred = predict_volume(bundle, vol, opts, sink=writer, stats=stats)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    t_pred = time.perf_counter()
+    files: list[Path] = []
+    if batch.output_format in ("nifti", "both"):
+        files += write_prediction(pred, bundle.plan, out_dir, case, ext=output_extension(source, bundle.plan))
+    if batch.output_format in ("dicom-seg", "both"):
+        files.append(_write_seg(pred, bundle, source, out_dir / f"{case}_seg.dcm"))
+    if writer is not None:
+        files += writer.close()
+    if batch.report:
+        files += _write_report(vol, pred, bundle, out_dir / f"{case}_report")
+    t_end = time.perf_counter()
+    return {
+        "input": [str(p) for p in paths] if len(paths) > 1 else str(source),
+        "case": case,
+        "outputs": [str(f) for f in files],
+        "windows": stats.windows,
+        "windows_run": stats.windows_run,
+        "memory_estimate_gb": round(est["total"] / 2**30, 3),
+        "seconds": {
+            "read": round(t_read - t0, 3),
+            "predict": round(t_pred - t_read, 3),
+            "write": round(t_end - t_pred, 3),
+            "total": round(t_end - t0, 3),
+        },
+    }
+
+
+def _write_seg(pred: Volume, bundle: ModelBundle, series_dir: Path, path: Path) -> Path:
+    from medseg.io.dicom_seg import write_dicom_seg
+
+    plan = bundle.plan
+    values = plan.label_values if plan.mode == "softmax" else None
+    return write_dicom_seg(pred, series_dir, path, names=plan.structure_names, values=values)
+
+
+def _write_report(image: Volume, pred: Volume, bundle: ModelBundle, out: Path) -> list[Path]:
+    from medseg.labels import LabelSpec
+    from medseg.report import write_report
+
+    plan = bundle.plan
+    values = plan.label_values if plan.mode == "softmax" else tuple(range(1, len(plan.structure_names) + 1))
+    spec = LabelSpec(plan.mode, tuple(plan.structure_names), tuple(values), str(bundle.run_dir / "plan.json"))
+    provenance = {
+        "run_dir": str(bundle.run_dir),
+        "checkpoint": bundle.checkpoint,
+        "config_hash": bundle.meta.get("config_hash"),
+        "epoch": bundle.meta.get("epoch"),
+    }
+    return list(write_report(image, pred, out, spec=spec, provenance=provenance).values())
+
+
 def predict_files(
     run_dir: str | Path,
     inputs: list[Path],
     out_dir: str | Path,
     *,
     device: str = "auto",
-    overlap: float = 0.5,
-    batch_size: int = 2,
-    overwrite: bool = False,
-    progress: bool = True,
+    engine: EngineOptions | None = None,
+    batch: BatchOptions | None = None,
 ) -> dict[str, Any]:
-    """Predict every input (files or DICOM folders) into ``out_dir``; returns the run manifest."""
+    """Predict every input (files or DICOM folders) into ``out_dir``; returns the run manifest.
+
+    ``engine`` defaults to the run config's ``predict`` section. Cases whose outputs exist are
+    skipped unless ``batch.overwrite``; a failing case is logged and listed under ``failures`` while
+    the others go on. The manifest is written to ``out_dir/predict.json``.
+    """
+    import resource
+
     from tqdm.auto import tqdm
 
-    from medseg.io import case_id, load_volume
-
     bundle = load_bundle(run_dir, device=device)
+    opts = engine or bundle.defaults
+    batch = batch or BatchOptions()
     out_dir = Path(out_dir)
+    for p in inputs:
+        rp, ro = Path(p).resolve(), out_dir.resolve()
+        if ro == rp.parent or ro == rp or rp in ro.parents and rp.is_dir():
+            raise DataError(f"--output {out_dir} is (inside) the input folder of {p}; choose another folder")
+    cases = group_inputs(inputs, bundle.plan.in_channels)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for p in inputs:
-        if out_dir.resolve() == Path(p).resolve().parent or out_dir.resolve() == Path(p).resolve():
-            raise DataError(f"--output {out_dir} is the input folder of {p}; choose another folder")
-    names: dict[str, list[str]] = {}
-    for p in inputs:
-        names.setdefault(case_id(p), []).append(str(p))
-    clashes = {n: ps for n, ps in names.items() if len(ps) > 1}
-    if clashes:
-        listing = "; ".join(f"{n}: {', '.join(ps)}" for n, ps in sorted(clashes.items()))
-        raise DataError(
-            f"several inputs would write the same output name ({listing}); predict them into separate "
-            "--output folders or rename them"
-        )
-    cases, failures = [], []
-    for path in tqdm(inputs, desc="predict", disable=not progress):
-        name = case_id(path)
-        t0 = time.time()
+    rows, failures = [], []
+    t_start = time.perf_counter()
+    for name, paths in tqdm(cases, desc="predict", disable=not batch.progress):
         try:
-            ext = output_extension(Path(path), bundle.plan)
-            if output_path(out_dir, name, bundle.plan, ext).exists() and not overwrite:
-                cases.append({"input": str(path), "case": name, "skipped": True})
+            expected = _expected_outputs(out_dir, name, paths[0], bundle.plan, batch.output_format)
+            if all(p.exists() for p in expected) and not batch.overwrite:
+                rows.append({"input": str(paths[0]), "case": name, "skipped": True})
                 continue
-            vol = load_volume(path)
-            pred = predict_volume(bundle, vol, overlap=overlap, batch_size=batch_size)
-            files = write_prediction(pred, bundle.plan, out_dir, name, ext=ext)
-            cases.append(
-                {
-                    "input": str(path),
-                    "case": name,
-                    "outputs": [str(f) for f in files],
-                    "seconds": round(time.time() - t0, 3),
-                }
-            )
+            rows.append(predict_case(bundle, paths, out_dir, name, opts, batch))
         except Exception as exc:  # noqa: BLE001 - one bad input must not stop the batch
             msg = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
-            logger.error("%s: %s", path, msg)
-            failures.append({"input": str(path), "error": msg})
+            logger.error("%s: %s", paths[0], msg)
+            failures.append({"input": str(paths[0]), "error": msg})
     manifest = {
         "model": str(bundle.run_dir),
         "checkpoint": bundle.checkpoint,
+        "config_hash": bundle.meta.get("config_hash"),
         "device": str(bundle.device),
-        "cases": cases,
+        "options": {
+            "overlap": opts.overlap,
+            "batch_size": opts.batch_size,
+            "tta": opts.tta,
+            "skip_air": opts.skip_air,
+            "accumulator_dtype": opts.accumulator_dtype,
+            "threshold": opts.threshold,
+            "format": batch.output_format,
+            "save_probabilities": batch.save_probabilities,
+            "report": batch.report,
+        },
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "cases": rows,
         "failures": failures,
     }
     with atomic_write(out_dir / "predict.json") as tmp:

@@ -1,0 +1,722 @@
+"""Memory-bounded sliding-window segmentation of whole scans, slab by slab along the last axis.
+
+What it does, in data-flow order (3D; a 2D image is the same with one in-plane axis):
+
+1. The input is viewed (not copied) in the canonical RAS order; the body box is found slab-wise.
+2. Preprocessing is *lazy*: the resampled, normalised image is produced only for the slabs the
+   current windows read (linear resampling, separable and identical in effect to ``F.interpolate(...,
+   mode="trilinear", align_corners=False)`` used by training), so no full-size float copy of the scan
+   exists.
+3. Windows are MONAI's (:func:`monai.data.utils.dense_patch_slices` with the scan interval of
+   ``sliding_window_inference``) and are blended with MONAI's Gaussian importance map, visited in
+   order of their start along the last axis. The network runs on ``device``; the blended logits are
+   accumulated on the CPU in a ring buffer only ``patch + step`` slices thick. Windows whose input is
+   entirely air (below the plan's body threshold) can be skipped: their voxels are background.
+4. As soon as no remaining window touches a slice, it is finalised: softmax/sigmoid, resampled back
+   to the input's slice spacing a few slices at a time, and decided there (argmax or threshold — the
+   probabilities are resampled, never the labels), straight into the uint8/uint16 output, which is a
+   view of the result in the input's own storage order.
+
+Why hand-written: MONAI's ``sliding_window_inference`` keeps the full ``(K, *spatial)`` float output in
+memory (its ``buffer_steps`` option only bounds *device* memory), which for a 512×512×1000 CT with 20+
+classes is tens of GB. Window placement and blending weights are MONAI's, so results agree with it
+up to float rounding (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from medseg.data.plan import ChannelNorm, Plan
+from medseg.types import Volume
+
+logger = logging.getLogger(__name__)
+
+BODY_MARGIN_VOXELS = 3  # as in training preprocessing (medseg.data.preprocess)
+_CHUNK_BYTES = 128 * 2**20  # working-set target of one finalisation / restoration chunk
+
+ProbabilitySink = Callable[[tuple[slice, ...], np.ndarray], None]
+"""Receives ``(box, probs)``: probabilities ``(n, K, *inplane)`` of the canonical-grid region ``box``
+(in-plane slices, then the ``n`` rows along the last axis)."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How windows are run and accumulated.
+
+    Attributes:
+        overlap: Fraction of a window shared with its neighbour (MONAI's ``overlap``).
+        batch_size: Windows per forward pass.
+        tta: Average the logits of all mirrorings of each window (paired left/right channels swapped
+            for mirrors of the left-right axis).
+        skip_air: Do not run windows whose input lies entirely below the plan's body threshold (CT).
+        accumulator_dtype: ``float32``, or ``float16`` to halve the accumulator (argmax ties may change).
+        threshold: Probability threshold of sigmoid (overlapping-structure) models.
+        progress: Show a progress bar over windows.
+    """
+
+    overlap: float = 0.5
+    batch_size: int = 2
+    tta: bool = False
+    skip_air: bool = True
+    accumulator_dtype: Literal["float32", "float16"] = "float32"
+    threshold: float = 0.5
+    progress: bool = False
+
+
+# ------------------------------------------------------------------------------------------ geometry
+
+
+def oriented_view(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """A view of a ``(C, *spatial)`` array reoriented by a nibabel orientation transform (no copy).
+
+    Writing into the view writes into ``array``: this is how results are placed into the input's
+    storage order without a reoriented copy.
+    """
+    import nibabel as nib
+
+    if array.ndim - 1 == 2:
+        return array
+    moved = np.moveaxis(array, 0, -1)
+    return np.moveaxis(nib.orientations.apply_orientation(moved, ornt), -1, 0)
+
+
+def _canonical_affine(affine: np.ndarray, ornt: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    import nibabel as nib
+
+    if len(shape) == 2:
+        return affine
+    return affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+
+
+def linear_taps(n_out: int, n_in: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of linear resampling ``n_in -> n_out`` for output rows ``start:stop``.
+
+    Same mapping as ``torch.nn.functional.interpolate(..., align_corners=False)``: output row ``o``
+    reads ``c = max((o + 0.5) * n_in / n_out - 0.5, 0)``, i.e. ``(1 - lam) * in[i0] + lam * in[i1]``.
+    """
+    o = np.arange(start, stop, dtype=np.float64)
+    c = np.maximum((o + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(c).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (c - i0).astype(np.float32)
+
+
+def _resize_inplane(x: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Linear resize of the trailing in-plane axes of ``(n, C, *inplane)`` (float32)."""
+    import torch
+    import torch.nn.functional as F
+
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    mode = "bilinear" if len(size) == 2 else "linear"
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return F.interpolate(t, size=tuple(int(s) for s in size), mode=mode, align_corners=False).numpy()
+
+
+def _zinterp(rows: np.ndarray, i0: np.ndarray, i1: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """``(1 - lam) * rows[i0] + lam * rows[i1]`` along axis 0 (exact copy where ``lam`` is 0)."""
+    out = rows[i0].astype(np.float32, copy=True)
+    mix = lam > 0
+    if mix.any():
+        w = lam[mix].reshape(-1, *([1] * (rows.ndim - 1)))
+        out[mix] = (1 - w) * out[mix] + w * rows[i1[mix]].astype(np.float32, copy=False)
+    return out
+
+
+def _zfirst(x: np.ndarray) -> np.ndarray:
+    """``(C, *inplane, Z)`` -> ``(Z, C, *inplane)`` view."""
+    return np.moveaxis(x, -1, 0)
+
+
+@dataclass
+class Layout:
+    """The grids a scan passes through: storage -> canonical -> body crop -> resampled -> padded.
+
+    ``crop`` is in canonical voxels; ``pad`` is ``(before, after)`` per axis of the resampled grid
+    (images smaller than the patch are padded, as MONAI does).
+    """
+
+    original_shape: tuple[int, ...]
+    ornt: np.ndarray
+    canonical_shape: tuple[int, ...]
+    crop: tuple[slice, ...]
+    resampled_shape: tuple[int, ...]
+    pad: tuple[tuple[int, int], ...]
+
+    @property
+    def crop_shape(self) -> tuple[int, ...]:
+        return tuple(s.stop - s.start for s in self.crop)
+
+    @property
+    def padded_shape(self) -> tuple[int, ...]:
+        return tuple(n + a + b for n, (a, b) in zip(self.resampled_shape, self.pad, strict=True))
+
+    def props(self) -> dict[str, Any]:
+        """The geometry part of the preprocessing properties (as :func:`preprocess_volume` gives)."""
+        return {
+            "original_shape": list(self.original_shape),
+            "ornt": np.asarray(self.ornt).tolist(),
+            "canonical_shape": list(self.canonical_shape),
+            "crop": [[s.start, s.stop] for s in self.crop],
+            "resampled_shape": list(self.resampled_shape),
+        }
+
+    @classmethod
+    def from_props(cls, props: dict[str, Any], patch_size: Sequence[int] | None = None) -> Layout:
+        res = tuple(int(s) for s in props["resampled_shape"])
+        return cls(
+            tuple(props["original_shape"]),
+            np.asarray(props["ornt"]),
+            tuple(props["canonical_shape"]),
+            tuple(slice(int(a), int(b)) for a, b in props["crop"]),
+            res,
+            _padding(res, patch_size or res),
+        )
+
+
+def _padding(shape: Sequence[int], patch: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """MONAI's padding of an image smaller than the window: ``diff // 2`` before, the rest after."""
+    out = []
+    for n, p in zip(shape, patch, strict=True):
+        diff = max(int(p) - int(n), 0)
+        out.append((diff // 2, diff - diff // 2))
+    return tuple(out)
+
+
+def body_box(canonical: np.ndarray, threshold: float, margin: int = BODY_MARGIN_VOXELS) -> tuple[slice, ...]:
+    """Bounding box of ``channel 0 > threshold`` grown by ``margin``, computed slab-wise (no full mask).
+
+    Same result as ``bbox_of(canonical[0] > threshold, margin=margin)``; an image without body voxels
+    gives the whole grid.
+    """
+    img = canonical[0]
+    shape = img.shape
+    hits = [np.zeros(n, bool) for n in shape]
+    step = max(1, int(_CHUNK_BYTES // max(1, math.prod(shape[:-1]))))
+    for z0 in range(0, shape[-1], step):
+        m = img[..., z0 : z0 + step] > threshold
+        for ax in range(len(shape)):
+            other = tuple(a for a in range(len(shape)) if a != ax)
+            proj = m.any(axis=other)
+            if ax == len(shape) - 1:
+                hits[ax][z0 : z0 + step] |= proj
+            else:
+                hits[ax] |= proj
+    if not hits[0].any():
+        return tuple(slice(0, n) for n in shape)
+    box = []
+    for ax, h in enumerate(hits):
+        idx = np.flatnonzero(h)
+        box.append(slice(max(0, int(idx[0]) - margin), min(shape[ax], int(idx[-1]) + 1 + margin)))
+    return tuple(box)
+
+
+def plan_layout(image: Volume, plan: Plan) -> tuple[Layout, np.ndarray]:
+    """The :class:`Layout` of ``image`` under ``plan`` and the canonical *view* of its array."""
+    from medseg.data.geometry import canonical_ornt, resampled_shape
+
+    ornt = canonical_ornt(image.affine, image.spatial_dims)
+    canon = oriented_view(image.array, ornt)
+    canonical_shape = tuple(canon.shape[1:])
+    box = tuple(slice(0, s) for s in canonical_shape)
+    if plan.crop_to_body and plan.body_threshold is not None:
+        box = body_box(canon, plan.body_threshold)
+    aff = _canonical_affine(image.affine, ornt, image.spatial_shape)
+    spacing = tuple(float(np.linalg.norm(aff[:3, i])) for i in range(image.spatial_dims))
+    crop_shape = tuple(s.stop - s.start for s in box)
+    res = resampled_shape(crop_shape, spacing, plan.target_spacing_mm)
+    layout = Layout(image.spatial_shape, ornt, canonical_shape, box, res, _padding(res, plan.patch_size))
+    return layout, canon
+
+
+def fixed_normalization(norm: ChannelNorm, channel: np.ndarray) -> ChannelNorm:
+    """A per-image z-score turned into a fixed affine map, with statistics taken slab-wise from the
+    (cropped, not resampled) channel; CT normalisation is returned unchanged.
+
+    Lazy preprocessing needs the statistics before the first slab is made. Linear resampling
+    preserves the mean to within interpolation error, so this matches training's z-score of the
+    resampled image to a few 1e-4.
+    """
+    if norm.scheme == "ct":
+        return norm
+    total, total_sq, n = 0.0, 0.0, 0
+    step = max(1, int(_CHUNK_BYTES // max(1, 8 * math.prod(channel.shape[:-1]))))
+    for z0 in range(0, channel.shape[-1], step):
+        c = channel[..., z0 : z0 + step].astype(np.float64)
+        total += float(c.sum())
+        total_sq += float((c * c).sum())
+        n += c.size
+    mean = total / max(n, 1)
+    std = math.sqrt(max(total_sq / max(n, 1) - mean * mean, 0.0))
+    return ChannelNorm("ct", -math.inf, math.inf, mean, std)
+
+
+# ------------------------------------------------------------------------------------ lazy input
+
+
+class LazyInput:
+    """The preprocessed (resampled, normalised, padded) image, produced slab by slab on demand.
+
+    Rows (slices along the last axis, in padded coordinates) must be requested in non-decreasing
+    order of their start; rows before the latest request's start are dropped.
+    """
+
+    def __init__(self, crop: np.ndarray, layout: Layout, norms: Sequence[ChannelNorm], cval: float) -> None:
+        self.crop, self.layout, self.norms, self.cval = crop, layout, list(norms), float(cval)
+        self.inplane_padded = layout.padded_shape[:-1]
+        self.buf = np.empty((0, crop.shape[0], *self.inplane_padded), np.float32)
+        self.b0 = 0
+
+    def rows(self, p0: int, p1: int) -> np.ndarray:
+        """Padded rows ``p0:p1`` as ``(p1 - p0, C, *inplane_padded)`` float32."""
+        if p0 < self.b0:
+            raise AssertionError(f"rows {p0}:{p1} requested after rows from {self.b0} were dropped")
+        b1 = self.b0 + len(self.buf)
+        keep = self.buf[max(0, p0 - self.b0) :]
+        if p1 > b1:
+            keep = np.concatenate([keep, self._make(max(b1, p0), p1)])
+        self.buf, self.b0 = keep, max(p0, self.b0)
+        return self.buf[p0 - self.b0 : p1 - self.b0]
+
+    def _make(self, p0: int, p1: int) -> np.ndarray:
+        lay = self.layout
+        before = lay.pad[-1][0]
+        z_res = lay.resampled_shape[-1]
+        out = np.full((p1 - p0, self.crop.shape[0], *self.inplane_padded), self.cval, np.float32)
+        r0, r1 = max(p0 - before, 0), min(p1 - before, z_res)
+        if r1 <= r0:
+            return out
+        i0, i1, lam = linear_taps(z_res, lay.crop_shape[-1], r0, r1)
+        lo, hi = int(i0.min()), int(i1.max()) + 1
+        raw = _zfirst(self.crop[..., lo:hi])  # (n, C, *inplane_crop), source dtype
+        x = _zinterp(raw, i0 - lo, i1 - lo, lam)
+        x = _resize_inplane(x, lay.resampled_shape[:-1])
+        for c, norm in enumerate(self.norms):
+            x[:, c] = norm.apply(x[:, c])
+        inner = tuple(
+            slice(a, a + n) for (a, _), n in zip(lay.pad[:-1], lay.resampled_shape[:-1], strict=True)
+        )
+        out[(slice(r0 + before - p0, r1 + before - p0), slice(None), *inner)] = x
+        return out
+
+
+# ------------------------------------------------------------------------------------ restoration
+
+
+class Restorer:
+    """Takes finalised probabilities of resampled-grid rows (in order) and writes decided labels of
+    canonical-crop rows into ``out`` (a canonical view of the output), resampling the probabilities
+    linearly first when the spacing changed.
+
+    softmax: ``out`` is ``(1, *canonical)`` and receives label values (argmax, first maximum wins);
+    sigmoid: ``out`` is ``(S, *canonical)`` and receives 0/1 (``p >= threshold``).
+    """
+
+    def __init__(
+        self,
+        layout: Layout,
+        out: np.ndarray,
+        plan: Plan,
+        *,
+        threshold: float = 0.5,
+        sink: ProbabilitySink | None = None,
+    ) -> None:
+        self.layout, self.out, self.mode, self.threshold, self.sink = layout, out, plan.mode, threshold, sink
+        self.lut = np.array([0, *plan.label_values], dtype=out.dtype) if plan.mode == "softmax" else None
+        self.buf: np.ndarray | None = None
+        self.q0 = 0  # resampled row of buf[0]
+        self.next = 0  # next crop row to emit
+        k = plan.out_channels
+        per_row = 4 * k * math.prod(layout.crop_shape[:-1]) * 3
+        self.chunk = max(1, int(_CHUNK_BYTES // max(per_row, 1)))
+
+    def push(self, r0: int, probs: np.ndarray) -> None:
+        """Add finalised rows ``r0:r0+len(probs)`` (``(n, K, *inplane_resampled)``) and emit what can be."""
+        if self.buf is None or len(self.buf) == 0:
+            self.buf, self.q0 = probs, r0
+        else:
+            if r0 != self.q0 + len(self.buf):
+                raise AssertionError(f"rows pushed out of order: {r0} after {self.q0 + len(self.buf)}")
+            self.buf = np.concatenate([self.buf, probs])
+        self._emit()
+
+    def _emit(self) -> None:
+        lay = self.layout
+        n_out, n_in = lay.crop_shape[-1], lay.resampled_shape[-1]
+        have = self.q0 + len(self.buf)
+        while self.next < n_out:
+            stop = min(n_out, self.next + self.chunk)
+            i0, i1, lam = linear_taps(n_out, n_in, self.next, stop)
+            ready = np.flatnonzero(i1 < have)
+            if len(ready) == 0:
+                break
+            stop = self.next + int(ready[-1]) + 1
+            i0, i1, lam = i0[: stop - self.next], i1[: stop - self.next], lam[: stop - self.next]
+            probs = _resize_inplane(_zinterp(self.buf, i0 - self.q0, i1 - self.q0, lam), lay.crop_shape[:-1])
+            self._decide(self.next, stop, probs)
+            self.next = stop
+        if self.next < n_out:
+            first_needed = int(linear_taps(n_out, n_in, self.next, self.next + 1)[0][0])
+            drop = first_needed - self.q0
+            if drop > 0:
+                self.buf, self.q0 = self.buf[drop:], first_needed
+        else:
+            self.buf = self.buf[:0]
+
+    def _decide(self, z0: int, z1: int, probs: np.ndarray) -> None:
+        c0 = self.layout.crop[-1].start
+        inplane = self.layout.crop[:-1]
+        if self.sink is not None:
+            self.sink((*inplane, slice(c0 + z0, c0 + z1)), probs)
+        if self.mode == "softmax":
+            lab = self.lut[probs.argmax(axis=1)]  # (n, *inplane)
+            self.out[(0, *inplane, slice(c0 + z0, c0 + z1))] = np.moveaxis(lab, 0, -1)
+        else:
+            masks = (probs >= self.threshold).astype(self.out.dtype)  # (n, S, *inplane)
+            self.out[(slice(None), *inplane, slice(c0 + z0, c0 + z1))] = np.moveaxis(masks, 0, -1)
+
+    @property
+    def done(self) -> bool:
+        return self.next >= self.layout.crop_shape[-1]
+
+
+def new_output(layout: Layout, plan: Plan) -> np.ndarray:
+    """Zero-filled output in the input's storage order: ``(1, *shape)`` labels or ``(S, *shape)`` masks."""
+    if plan.mode == "softmax":
+        dtype = np.uint16 if max(plan.label_values, default=0) > 255 else np.uint8
+        return np.zeros((1, *layout.original_shape), dtype)
+    return np.zeros((len(plan.structure_names), *layout.original_shape), np.uint8)
+
+
+def restore_to_original(
+    probs: np.ndarray, props: dict[str, Any], plan: Plan, *, threshold: float = 0.5
+) -> np.ndarray:
+    """Map preprocessed-grid probabilities ``(K, *resampled)`` back to the input grid and decide there.
+
+    The one-shot form of what :func:`segment` does slab by slab (used for oracle tests): softmax gives
+    ``(1, *original)`` label values, sigmoid ``(S, *original)`` masks.
+    """
+    layout = Layout.from_props(props)
+    out = new_output(layout, plan)
+    rest = Restorer(layout, oriented_view(out, layout.ornt), plan, threshold=threshold)
+    rest.push(0, np.moveaxis(np.asarray(probs, np.float32), -1, 0))
+    if not rest.done:
+        raise AssertionError("restoration did not cover the grid")
+    return out
+
+
+# ------------------------------------------------------------------------------------ the engine
+
+
+def window_slices(
+    padded_shape: Sequence[int], patch: Sequence[int], overlap: float
+) -> list[tuple[slice, ...]]:
+    """MONAI's windows over ``padded_shape``, sorted (stably) by their start along the last axis."""
+    from monai.data.utils import dense_patch_slices
+
+    interval = [
+        int(p) if int(p) == int(n) else max(int(int(p) * (1 - overlap)), 1)
+        for n, p in zip(padded_shape, patch, strict=True)
+    ]
+    slices = dense_patch_slices(tuple(padded_shape), tuple(patch), interval)
+    return sorted(slices, key=lambda s: s[-1].start)
+
+
+def mirror_axes(spatial_dims: int) -> list[tuple[int, ...]]:
+    """All mirror combinations of the spatial axes (the first, ``()``, is the identity)."""
+    from itertools import combinations
+
+    axes = range(spatial_dims)
+    return [c for r in range(spatial_dims + 1) for c in combinations(axes, r)]
+
+
+def lr_channel_permutation(plan: Plan) -> list[int]:
+    """Output-channel order after mirroring the left-right axis: paired left/right structures swap."""
+    off = 1 if plan.mode == "softmax" else 0
+    perm = list(range(plan.out_channels))
+    names = list(plan.structure_names)
+    for a, b in plan.left_right_pairs:
+        ia, ib = names.index(a) + off, names.index(b) + off
+        perm[ia], perm[ib] = ib, ia
+    return perm
+
+
+class _Runner:
+    """Runs batches of windows through the network on its device (AMP on CUDA), with mirror TTA."""
+
+    def __init__(self, model: Any, device: Any, plan: Plan, tta: bool) -> None:
+        import torch
+
+        self.model, self.device = model, torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.flips = mirror_axes(plan.spatial_dims) if tta else [()]
+        self.perm = lr_channel_permutation(plan)
+        self.amp_dtype = None
+        if self.cuda:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """``(B, C, *patch)`` float32 -> ``(B, K, *patch)`` float32 logits (on the CPU)."""
+        import torch
+
+        t = torch.from_numpy(x)
+        if self.cuda:
+            t = t.pin_memory()
+        t = t.to(self.device, non_blocking=True)
+        total = None
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None),
+        ):
+            for axes in self.flips:
+                dims = [a + 2 for a in axes]
+                y = self.model(torch.flip(t, dims) if dims else t)
+                if isinstance(y, (list, tuple)):
+                    y = y[0]
+                y = y.float()
+                if dims:
+                    y = torch.flip(y, dims)
+                    if 0 in axes:
+                        y = y[:, self.perm]
+                total = y if total is None else total + y
+        assert total is not None
+        return (total / len(self.flips)).cpu().numpy()
+
+
+def _ring(start: int, length: int, cap: int) -> list[tuple[slice, slice]]:
+    """(buffer slice, source slice) pieces of rows ``start:start+length`` in a ring of ``cap`` rows."""
+    a = start % cap
+    first = min(length, cap - a)
+    pieces = [(slice(a, a + first), slice(0, first))]
+    if first < length:
+        pieces.append((slice(0, length - first), slice(first, length)))
+    return pieces
+
+
+class Accumulator:
+    """Gaussian-weighted logit sums of the rows windows are still writing to (a ring buffer)."""
+
+    def __init__(self, capacity: int, channels: int, inplane: Sequence[int], dtype: Any) -> None:
+        self.cap = capacity
+        self.acc = np.zeros((capacity, channels, *inplane), dtype)
+        self.wsum = np.zeros((capacity, *inplane), np.float32)
+
+    def add(self, window: tuple[slice, ...], logits_zfirst: np.ndarray, imp_zfirst: np.ndarray) -> None:
+        """Add ``imp * logits`` of one window (``(pz, K, *patch_inplane)``)."""
+        zs = window[-1]
+        inplane = window[:-1]
+        for buf, src in _ring(zs.start, zs.stop - zs.start, self.cap):
+            self.acc[(buf, slice(None), *inplane)] += (logits_zfirst[src] * imp_zfirst[src][:, None]).astype(
+                self.acc.dtype, copy=False
+            )
+            self.wsum[(buf, *inplane)] += imp_zfirst[src]
+
+    def take(self, p0: int, p1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Remove rows ``p0:p1`` (weighted sums, weights) from the ring; they are zeroed for reuse."""
+        acc = np.empty((p1 - p0, *self.acc.shape[1:]), np.float32)
+        w = np.empty((p1 - p0, *self.wsum.shape[1:]), np.float32)
+        for buf, dst in _ring(p0, p1 - p0, self.cap):
+            acc[dst] = self.acc[buf]
+            w[dst] = self.wsum[buf]
+            self.acc[buf] = 0
+            self.wsum[buf] = 0
+        return acc, w
+
+
+def _probabilities(acc: np.ndarray, w: np.ndarray, mode: str) -> np.ndarray:
+    """Blended logits -> probabilities; voxels no window covered (skipped air) are background."""
+    import torch
+
+    empty = w <= 0
+    logits = torch.from_numpy(acc / np.maximum(w, 1e-12)[:, None])
+    probs = (torch.softmax(logits, 1) if mode == "softmax" else torch.sigmoid(logits)).numpy()
+    if empty.any():
+        for k in range(probs.shape[1]):
+            probs[:, k][empty] = 1.0 if (mode == "softmax" and k == 0) else 0.0
+    return probs
+
+
+@dataclass
+class EngineStats:
+    """What one :func:`segment` call did."""
+
+    windows: int = 0
+    windows_run: int = 0
+    accumulator_bytes: int = 0
+    layout: Layout | None = None
+
+
+def segment(
+    image: Volume,
+    plan: Plan,
+    model: Any,
+    device: Any,
+    opts: EngineOptions | None = None,
+    *,
+    sink: ProbabilitySink | None = None,
+    stats: EngineStats | None = None,
+) -> np.ndarray:
+    """Labels of ``image`` on exactly its grid: ``(1, *shape)`` label values (softmax models) or
+    ``(S, *shape)`` 0/1 masks (sigmoid models), in the input's storage order.
+
+    ``sink`` receives the probabilities of each finalised block of canonical crop rows (e.g. to save
+    them); ``stats`` is filled with window counts and the accumulator size.
+    """
+    from monai.data.utils import compute_importance_map
+    from tqdm.auto import tqdm
+
+    opts = opts or EngineOptions()
+    stats = stats if stats is not None else EngineStats()
+    layout, canon = plan_layout(image, plan)
+    crop = canon[(slice(None), *layout.crop)]
+    norms = [fixed_normalization(n, crop[c]) for c, n in enumerate(plan.normalization)]
+    cval = (
+        min(float(n.apply(np.array([crop[c].min()]))[0]) for c, n in enumerate(norms)) if crop.size else 0.0
+    )
+    air = None
+    if opts.skip_air and plan.body_threshold is not None:
+        air = max(float(n.apply(np.array([plan.body_threshold], np.float32))[0]) for n in norms)
+    lazy = LazyInput(crop, layout, norms, cval)
+    out = new_output(layout, plan)
+    restorer = Restorer(layout, oriented_view(out, layout.ornt), plan, threshold=opts.threshold, sink=sink)
+
+    patch = tuple(int(p) for p in plan.patch_size)
+    padded = layout.padded_shape
+    windows = window_slices(padded, patch, opts.overlap)
+    starts = [w[-1].start for w in windows]
+    step = max((b - a for a, b in zip(starts, starts[1:], strict=False)), default=0)
+    per_start = max(1, sum(1 for s in starts if s == starts[0]))
+    cap = patch[-1] + step * max(1, math.ceil((opts.batch_size - 1) / per_start))
+    acc_dtype = np.float16 if opts.accumulator_dtype == "float16" else np.float32
+    accum = Accumulator(cap, plan.out_channels, padded[:-1], acc_dtype)
+    stats.windows, stats.accumulator_bytes, stats.layout = len(windows), accum.acc.nbytes, layout
+    imp = compute_importance_map(patch, mode="gaussian", sigma_scale=0.125, device="cpu").numpy()
+    imp_z = _zfirst(imp[None])[:, 0]  # (pz, *patch_inplane)
+    runner = _Runner(model, device, plan, opts.tta)
+    final = _Finaliser(layout, restorer, plan.mode)
+
+    batch: list[tuple[tuple[slice, ...], np.ndarray]] = []
+    bar = tqdm(total=len(windows), desc="windows", disable=not opts.progress, leave=False)
+
+    def flush() -> None:
+        if batch:
+            y = runner(np.stack([x for _, x in batch]))
+            for (w, _), logits in zip(batch, y, strict=True):
+                accum.add(w, _zfirst(logits), imp_z)
+            stats.windows_run += len(batch)
+            bar.update(len(batch))
+            batch.clear()
+
+    for i, w in enumerate(windows):
+        start = w[-1].start
+        if start + patch[-1] > final.done_to + cap:
+            flush()
+            final.advance(accum, start)
+        x = _window_input(lazy, w)  # read now: the lazy input drops rows behind the latest window
+        if air is not None and float(x.max()) <= air:
+            bar.update(1)
+        else:
+            batch.append((w, x))
+        if len(batch) == opts.batch_size:
+            flush()
+            final.advance(accum, windows[i + 1][-1].start if i + 1 < len(windows) else padded[-1])
+    flush()
+    final.advance(accum, padded[-1])
+    bar.close()
+    if not restorer.done:
+        raise AssertionError("sliding windows did not cover the scan")
+    return out
+
+
+def _window_input(lazy: LazyInput, w: tuple[slice, ...]) -> np.ndarray:
+    """``(C, *patch)`` input of one window."""
+    rows = lazy.rows(w[-1].start, w[-1].stop)  # (pz, C, *inplane_padded)
+    x = rows[(slice(None), slice(None), *w[:-1])]
+    return np.ascontiguousarray(np.moveaxis(x, 0, -1))
+
+
+class _Finaliser:
+    """Finalises padded rows no window will touch again: blend, probabilities, un-pad, restore."""
+
+    def __init__(self, layout: Layout, restorer: Restorer, mode: str) -> None:
+        self.layout, self.restorer, self.mode = layout, restorer, mode
+        self.done_to = 0
+        k = restorer.lut.size if restorer.lut is not None else restorer.out.shape[0]
+        self.rows_per_chunk = max(1, int(_CHUNK_BYTES // max(1, 8 * k * math.prod(layout.padded_shape[:-1]))))
+
+    def advance(self, accum: Accumulator, upto: int) -> None:
+        lay = self.layout
+        before = lay.pad[-1][0]
+        n_res = lay.resampled_shape[-1]
+        inner = tuple(
+            slice(a, a + n) for (a, _), n in zip(lay.pad[:-1], lay.resampled_shape[:-1], strict=True)
+        )
+        while self.done_to < upto:
+            p1 = min(upto, self.done_to + self.rows_per_chunk)
+            acc, w = accum.take(self.done_to, p1)
+            r0, r1 = max(self.done_to - before, 0), min(p1 - before, n_res)
+            if r1 > r0:
+                sel = slice(r0 + before - self.done_to, r1 + before - self.done_to)
+                probs = _probabilities(acc[sel], w[sel], self.mode)
+                self.restorer.push(r0, np.ascontiguousarray(probs[(slice(None), slice(None), *inner)]))
+            self.done_to = p1
+
+
+# ------------------------------------------------------------------------------------ memory
+
+
+def estimate_memory(image: Volume, plan: Plan, opts: EngineOptions, *, params: int = 0) -> dict[str, int]:
+    """Bytes :func:`segment` will hold for ``image`` beyond the loaded scan, by component.
+
+    ``accumulator``: the ring of blended logits and weights; ``output``: the label map (+ its
+    reoriented copy at write time); ``input_slabs``: lazy preprocessing and window batches;
+    ``restore``: finalisation chunks; ``network``: parameters and activations (a rough bound of
+    ``batch × patch voxels × 64 channels × 4 bytes × 4``). Sizes of the canonical crop are taken as the
+    whole grid (the body box is not known before reading the data).
+    """
+    from medseg.data.geometry import canonical_ornt, resampled_shape
+
+    ornt = canonical_ornt(image.affine, image.spatial_dims)
+    aff = _canonical_affine(image.affine, ornt, image.spatial_shape)
+    spacing = tuple(float(np.linalg.norm(aff[:3, i])) for i in range(image.spatial_dims))
+    canon_shape = [0] * image.spatial_dims
+    for i, (j, _) in enumerate(np.asarray(ornt, int) if image.spatial_dims == 3 else [(0, 1), (1, 1)]):
+        canon_shape[j] = image.spatial_shape[i]
+    res = resampled_shape(canon_shape, spacing, plan.target_spacing_mm)
+    patch = [int(p) for p in plan.patch_size]
+    padded = [max(r, p) for r, p in zip(res, patch, strict=True)]
+    k = plan.out_channels
+    inplane = math.prod(padded[:-1])
+    step = max(int(patch[-1] * (1 - opts.overlap)), 1)
+    cap = patch[-1] + step * max(1, opts.batch_size - 1)
+    acc_item = 2 if opts.accumulator_dtype == "float16" else 4
+    n_out = 1 if plan.mode == "softmax" else len(plan.structure_names)
+    out_item = 2 if max(plan.label_values, default=0) > 255 else 1
+    est = {
+        "accumulator": cap * inplane * (k * acc_item + 4),
+        "output": 2 * n_out * math.prod(image.spatial_shape) * out_item,
+        "input_slabs": 4 * plan.in_channels * inplane * (patch[-1] + step) * 2
+        + 4 * opts.batch_size * plan.in_channels * math.prod(patch) * 2,
+        "restore": 4 * _CHUNK_BYTES,
+        "network": 4 * params + opts.batch_size * math.prod(patch) * 64 * 4 * 4,
+    }
+    est["total"] = sum(est.values())
+    return est
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (``MemAvailable``), or None."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
