@@ -56,7 +56,8 @@ def read_nifti(path: str | Path) -> Volume:
         "sform_code": int(header["sform_code"]),
         "qform_code": int(header["qform_code"]),
     }
-    return Volume(np.ascontiguousarray(arr), np.asarray(img.affine, dtype=np.float64), meta)
+    # no ascontiguousarray: nibabel gives Fortran order, and a C-order copy would double the peak memory
+    return Volume(arr, np.asarray(img.affine, dtype=np.float64), meta)
 
 
 def write_nifti(vol: Volume, path: str | Path, *, dtype: Any | None = None) -> Path:
