@@ -596,7 +596,8 @@ def segment(
     cap = patch[-1] + step * max(1, math.ceil((opts.batch_size - 1) / per_start))
     acc_dtype = np.float16 if opts.accumulator_dtype == "float16" else np.float32
     accum = Accumulator(cap, plan.out_channels, padded[:-1], acc_dtype)
-    stats.windows, stats.accumulator_bytes, stats.layout = len(windows), accum.acc.nbytes, layout
+    stats.windows, stats.layout = len(windows), layout
+    stats.accumulator_bytes = accum.acc.nbytes + accum.wsum.nbytes
     imp = compute_importance_map(patch, mode="gaussian", sigma_scale=0.125, device="cpu").numpy()
     imp_z = _zfirst(imp[None])[:, 0]  # (pz, *patch_inplane)
     runner = _Runner(model, device, plan, opts.tta)

@@ -1,0 +1,228 @@
+"""The slab-wise inference engine: stitching, slab-wise vs one-shot accumulation, bounded buffers,
+TTA with left/right swaps, air-window skipping, and the memory estimate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medseg.data.geometry import bbox_of
+from medseg.data.plan import ChannelNorm, Plan
+from medseg.data.preprocess import preprocess_volume
+from medseg.inference.engine import (
+    EngineOptions,
+    EngineStats,
+    _Runner,
+    body_box,
+    estimate_memory,
+    linear_taps,
+    lr_channel_permutation,
+    restore_to_original,
+    segment,
+)
+from medseg.inference.sliding_window import sliding_window_logits
+from medseg.types import Volume
+
+
+def _plan(mode="softmax", *, spacing=(1.0, 1.0, 1.0), patch=(8, 8, 4), crop=False, dims=3, pairs=()) -> Plan:
+    names = ("left", "right", "other")
+    return Plan(
+        spatial_dims=dims,
+        modality="ct",
+        mode=mode,
+        structure_names=names,
+        label_values=(1, 2, 5) if mode == "softmax" else (),
+        in_channels=1,
+        target_spacing_mm=spacing[:dims],
+        patch_size=patch[:dims],
+        normalization=(ChannelNorm("ct", -200.0, 250.0, 20.0, 80.0),),
+        crop_to_body=crop,
+        body_threshold=-500.0 if crop else None,
+        left_right_pairs=pairs,
+        border_weights={},
+        median_shape=(10,) * dims,
+    )
+
+
+def _ct(shape, affine=None, seed=0) -> Volume:
+    rng = np.random.default_rng(seed)
+    img = np.full((1, *shape), -1000, np.int16)
+    inner = tuple(slice(2, max(3, n - 2)) for n in shape)
+    img[(0, *inner)] = rng.integers(-150, 220, [s.stop - s.start for s in inner])
+    return Volume(img, np.diag([1.0] * 4) if affine is None else affine)
+
+
+def _conv_net(k: int, dims: int = 3, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv3d if dims == 3 else torch.nn.Conv2d
+    return torch.nn.Sequential(conv(1, 6, 3, padding=1), torch.nn.Tanh(), conv(6, k, 3, padding=1)).eval()
+
+
+class _Linear(torch.nn.Module):
+    """A 1x1 'network': logits_k = a_k * x + b_k (stitching must reproduce it exactly)."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.a = torch.linspace(-1.5, 2.0, k)
+        self.b = torch.linspace(0.3, -0.2, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return x * self.a.view(shape) + self.b.view(shape)
+
+
+@pytest.mark.parametrize(
+    ("shape", "patch", "dims"),
+    [((13, 9, 7), (8, 8, 4), 3), ((5, 6, 3), (8, 8, 4), 3), ((23, 11), (8, 8), 2), ((5, 3), (8, 8), 2)],
+    ids=["odd-3d", "patch-larger-3d", "odd-2d", "patch-larger-2d"],
+)
+def test_stitching_reproduces_a_linear_predictor(shape, patch, dims):
+    """With no resampling, the blended probabilities equal the whole-volume ones voxel for voxel."""
+    plan = _plan("sigmoid", patch=patch, dims=dims)
+    vol = _ct(shape, np.diag([1.0] * 4))
+    got = {}
+
+    def sink(box, probs):
+        got[box[-1].start] = (box, probs)
+
+    out = segment(vol, plan, _Linear(3), "cpu", EngineOptions(batch_size=3), sink=sink)
+    x = plan.normalization[0].apply(vol.array[0])
+    ref = torch.sigmoid(_Linear(3)(torch.from_numpy(x)[None, None]))[0].numpy()  # (K, *shape)
+    seen = np.zeros(shape[-1], int)
+    for box, probs in got.values():
+        np.testing.assert_allclose(np.moveaxis(probs, 0, -1), ref[(slice(None), *box)], atol=2e-6)
+        seen[box[-1]] += 1
+    assert np.all(seen == 1), "every slice finalised exactly once"
+    np.testing.assert_array_equal(out, (ref >= 0.5).astype(np.uint8))
+
+
+def _affine_lps() -> np.ndarray:
+    a = np.diag([-0.8, -0.9, 2.5, 1.0])
+    a[:3, 3] = [10, 20, 30]
+    return a
+
+
+@pytest.mark.parametrize("mode", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("batch_size", [1, 3, 7])
+def test_slabwise_equals_one_shot_monai(mode, batch_size):
+    """Engine (lazy resampling, ring accumulator, per-slab restore) == MONAI sliding_window_inference
+    on the whole preprocessed image + one-shot restoration, with cropping, resampling and LPS storage."""
+    plan = _plan(mode, spacing=(1.3, 1.1, 1.9), patch=(16, 16, 8), crop=True)
+    vol = _ct((37, 29, 23), _affine_lps())
+    net = _conv_net(plan.out_channels)
+    arr, props = preprocess_volume(vol, plan)
+    logits = sliding_window_logits(net, arr, plan.patch_size, "cpu", overlap=0.5, batch_size=2)
+    probs = (torch.softmax(logits, 0) if mode == "softmax" else torch.sigmoid(logits)).numpy()
+    ref = restore_to_original(probs, props, plan)
+    stats = EngineStats()
+    got = segment(vol, plan, net, "cpu", EngineOptions(batch_size=batch_size, skip_air=False), stats=stats)
+    assert got.shape == ref.shape
+    assert stats.windows_run == stats.windows > 1
+    # identical up to float-rounding ties (blending order differs)
+    assert np.mean(got != ref) < 1e-4
+
+
+def test_accumulator_does_not_grow_with_the_scan():
+    plan = _plan("softmax", patch=(8, 8, 4))
+    net = _conv_net(plan.out_channels)
+    sizes = []
+    for z in (12, 60):
+        stats = EngineStats()
+        segment(_ct((16, 16, z)), plan, net, "cpu", EngineOptions(batch_size=2, skip_air=False), stats=stats)
+        sizes.append(stats.accumulator_bytes)
+    assert sizes[0] == sizes[1] > 0
+    # the ring holds patch + step rows (6 of them), not the scan's 60
+    assert sizes[1] == 6 * 16 * 16 * (plan.out_channels * 4 + 4)
+
+
+def test_tta_respects_left_right_pairs():
+    """A network that is consistent under mirroring (right = mirrored left, symmetric in y/z) gives the
+    same output with and without TTA, but only if mirrored passes swap the paired channels."""
+    plan = _plan("sigmoid", pairs=(("left", "right"),))
+    torch.manual_seed(1)
+    w = torch.randn(1, 1, 3, 3, 3)
+    w = (w + w.flip(3)) / 2
+    w = (w + w.flip(4)) / 2  # symmetric in y and z, not in x
+
+    class LRConsistent(torch.nn.Module):
+        def forward(self, x):
+            g = torch.nn.functional.conv3d(x, w, padding=1)
+            right = torch.nn.functional.conv3d(x.flip(2), w, padding=1).flip(2)
+            return torch.cat([g, right, torch.zeros_like(g)], 1)
+
+    x = np.random.default_rng(0).normal(size=(2, 1, 8, 8, 4)).astype(np.float32)
+    plain = _Runner(LRConsistent(), "cpu", plan, tta=False)(x)
+    tta = _Runner(LRConsistent(), "cpu", plan, tta=True)(x)
+    np.testing.assert_allclose(tta, plain, atol=1e-5)
+    unpaired = _plan("sigmoid")
+    wrong = _Runner(LRConsistent(), "cpu", unpaired, tta=True)(x)
+    assert np.abs(wrong - plain).max() > 0.1
+    assert lr_channel_permutation(_plan("softmax", pairs=(("left", "right"),))) == [0, 2, 1, 3]
+
+
+def test_air_windows_are_skipped_without_changing_the_result():
+    """A scan that is mostly air: fewer windows run, and a network that calls air background agrees."""
+    plan = _plan("softmax", patch=(8, 8, 4), crop=False)
+    plan = Plan(**{**plan.__dict__, "body_threshold": -500.0})
+    img = np.full((1, 40, 40, 16), -1000, np.int16)
+    img[0, 4:12, 5:14, 3:9] = 100
+    vol = Volume(img, np.eye(4))
+
+    class Threshold(torch.nn.Module):
+        def forward(self, x):
+            fg = (x - 0.0) * 4  # normalised 100 HU -> 1; air -> about -2.8
+            return torch.cat([-fg, fg, -fg - 1, -fg - 2], 1)
+
+    full, skip = EngineStats(), EngineStats()
+    a = segment(vol, plan, Threshold(), "cpu", EngineOptions(skip_air=False), stats=full)
+    b = segment(vol, plan, Threshold(), "cpu", EngineOptions(skip_air=True), stats=skip)
+    np.testing.assert_array_equal(a, b)
+    assert skip.windows_run < full.windows_run / 3
+    assert (b == 1).sum() == 8 * 9 * 6
+
+
+def test_body_box_matches_a_full_mask_bbox():
+    rng = np.random.default_rng(3)
+    img = np.full((1, 30, 20, 50), -1000, np.int16)
+    img[0, 5:17, 2:9, 11:40] = rng.integers(-400, 300, (12, 7, 29))
+    assert body_box(img, -500.0) == bbox_of(img[0] > -500.0, margin=3)
+    assert body_box(np.full((1, 4, 4, 4), -1000), -500.0) == (slice(0, 4),) * 3
+
+
+def test_linear_taps_match_torch_interpolate():
+    x = torch.arange(7, dtype=torch.float32).view(1, 1, 7) ** 1.5
+    for n_out in (3, 7, 16):
+        ref = torch.nn.functional.interpolate(x, size=n_out, mode="linear", align_corners=False)[0, 0].numpy()
+        i0, i1, lam = linear_taps(n_out, 7, 0, n_out)
+        v = x[0, 0].numpy()
+        np.testing.assert_allclose((1 - lam) * v[i0] + lam * v[i1], ref, rtol=1e-6)
+
+
+def test_memory_estimate_scales_with_classes_not_slices():
+    plan20 = Plan(
+        **{
+            **_plan("softmax").__dict__,
+            "structure_names": tuple(f"s{i}" for i in range(20)),
+            "label_values": tuple(range(1, 21)),
+            "patch_size": (64, 64, 32),
+        }
+    )
+    opts = EngineOptions(batch_size=2)
+    short = estimate_memory(Volume(np.zeros((1, 2, 2, 2), np.int16), np.eye(4)), plan20, opts)
+    big = {z: estimate_memory(_Shape((512, 512, z)), plan20, opts) for z in (250, 1000)}
+    assert big[250]["accumulator"] == big[1000]["accumulator"] > short["accumulator"] > 0
+    assert big[1000]["output"] == 4 * big[250]["output"]
+    half = estimate_memory(_Shape((512, 512, 250)), plan20, EngineOptions(accumulator_dtype="float16"))
+    assert half["accumulator"] < 0.6 * big[250]["accumulator"]
+
+
+class _Shape(Volume):
+    """A Volume-like stand-in with a large shape and no data (the estimate reads only geometry)."""
+
+    def __init__(self, shape):  # noqa: D107 - deliberately skips the dataclass init
+        object.__setattr__(
+            self, "array", np.lib.stride_tricks.as_strided(np.zeros(1, np.int16), (1, *shape), (0,) * 4)
+        )
+        object.__setattr__(self, "affine", np.diag([0.8, 0.8, 1.0, 1.0]))
+        object.__setattr__(self, "meta", {})
