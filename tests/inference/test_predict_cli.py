@@ -230,3 +230,83 @@ def test_2d_model_on_png_and_single_slice_nifti(bundle_2d: Path, tmp_path: Path)
         assert n.shape == (50, 40, 1)
         np.testing.assert_array_equal(n.affine, nib.load(str(nii)).affine)
     assert not list(out.glob(".*tmp*")), "temporary mask folder left behind"
+
+
+def _predict(bundle: Path, inputs: list[Path], out: Path, *extra: str) -> int:
+    return main(
+        [
+            "predict",
+            "--model",
+            str(bundle),
+            "--input",
+            *map(str, inputs),
+            "--output",
+            str(out),
+            "--no-progress",
+            *extra,
+        ]
+    )
+
+
+def test_dicom_seg_output_reads_back_equal_to_the_nifti(bundle: Path, tmp_path: Path) -> None:
+    from medseg.io.dicom_seg import read_dicom_seg
+
+    dicom = write_dicom_series(_scan(AFFINES["LAS"]), tmp_path / "dicom" / "series1")
+    out = tmp_path / "out"
+    assert _predict(bundle, [dicom], out, "--format", "both") == 0
+    nifti = load_volume(out / "series1.nii.gz")
+    present = [int(v) for v in np.unique(nifti.array) if v]
+    assert present, "the untrained network predicts at least one structure on this scan"
+    masks, names = read_dicom_seg(out / "series1_seg.dcm", reference=load_volume(dicom))
+    assert names == [{1: "a", 2: "b"}[v] for v in present]
+    for k, v in enumerate(present):
+        np.testing.assert_array_equal(masks.array[k], nifti.array[0] == v)
+    # a NIfTI input cannot become a DICOM SEG: that case fails clearly, the others go on
+    save_volume(_scan(AFFINES["RAS"]), tmp_path / "nii" / "x.nii.gz")
+    assert _predict(bundle, [tmp_path / "nii" / "x.nii.gz"], tmp_path / "out2", "--format", "dicom-seg") == 1
+    failures = json.loads((tmp_path / "out2" / "predict.json").read_text())["failures"]
+    assert "needs a DICOM series folder" in failures[0]["error"]
+
+
+def test_probabilities_match_the_label_map(bundle: Path, tmp_path: Path) -> None:
+    save_volume(_scan(AFFINES["LPS"]), tmp_path / "in" / "c1.nii.gz")
+    out = tmp_path / "out"
+    assert _predict(bundle, [tmp_path / "in" / "c1.nii.gz"], out, "--save-probabilities", "--tta") == 0
+    probs = np.load(out / "c1_probabilities.npy", mmap_mode="r")
+    side = json.loads((out / "c1_probabilities.json").read_text())
+    labels = load_volume(out / "c1.nii.gz").array[0]
+    assert probs.dtype == np.float16 and probs.shape == (3, *labels.shape)
+    assert side["channels"] == ["background", "a", "b"]
+    np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=3e-3)
+    p = probs.astype(np.float32)
+    chosen = np.take_along_axis(p, labels[None].astype(np.int64), 0)[0]  # label values 1, 2 = channels
+    # the label is the most probable class, up to float16 rounding of near-ties
+    assert np.all(chosen >= p.max(0) - 2e-3)
+    manifest = json.loads((out / "predict.json").read_text())
+    assert manifest["options"]["tta"] is True
+    case = manifest["cases"][0]
+    assert case["windows_run"] <= case["windows"] and set(case["seconds"]) == {
+        "read",
+        "predict",
+        "write",
+        "total",
+    }
+    assert {"medseg", "torch", "monai"} <= set(manifest["versions"])
+
+
+def test_memory_refusal_names_the_flags_and_writes_nothing(bundle: Path, tmp_path: Path) -> None:
+    save_volume(_scan(AFFINES["RAS"]), tmp_path / "in" / "big.nii.gz")
+    out = tmp_path / "out"
+    assert _predict(bundle, [tmp_path / "in" / "big.nii.gz"], out, "--max-memory", "0.0001") == 1
+    err = json.loads((out / "predict.json").read_text())["failures"][0]["error"]
+    assert "GB is available" in err and "--low-memory" in err and "--max-memory" in err
+    assert not (out / "big.nii.gz").exists()
+
+
+def test_report_after_prediction(bundle: Path, tmp_path: Path) -> None:
+    save_volume(_scan(AFFINES["RAS"]), tmp_path / "in" / "r1.nii.gz")
+    out = tmp_path / "out"
+    assert _predict(bundle, [tmp_path / "in" / "r1.nii.gz"], out, "--report") == 0
+    report = json.loads((out / "r1_report" / "report.json").read_text())
+    assert (out / "r1_report" / "report.html").stat().st_size > 1000
+    assert str(bundle) in json.dumps(report)
