@@ -25,13 +25,15 @@ Common tasks:
   medseg config show --config configs/x.yaml   the resolved config with all defaults
   medseg train --config configs/demo_ct.yaml   train a model; the run directory is the model
   medseg predict --model RUN --input SCAN --output DIR   label maps on each scan's own grid
+  medseg evaluate --pred DIR --ref DIR --output DIR      Dice, volumes (mL), HD95/NSD per structure
+  medseg report --image SCAN --mask LABELS --output DIR  organ volumes, overlays (HTML, PDF)
 
 Run `medseg COMMAND --help` for the options of each command.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from medseg.cli import config_cmd, data_cmd, info_cmd, predict_cmd, train_cmd
+    from medseg.cli import config_cmd, data_cmd, evaluate_cmd, info_cmd, predict_cmd, report_cmd, train_cmd
 
     parser = argparse.ArgumentParser(
         prog="medseg", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -47,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_cmd.register(sub)
     train_cmd.register(sub)
     predict_cmd.register(sub)
+    evaluate_cmd.register(sub)
+    report_cmd.register(sub)
     return parser
 
 

@@ -12,6 +12,9 @@ Empty-structure policy (stated here once; :data:`EMPTY_POLICY` is the sentence f
   non-NaN values), as nnU-Net and MONAI's ``ignore_empty`` do. They are neither a perfect 1 nor a 0.
 * **One empty** (a missed structure, or a structure predicted where the reference has none): Dice is
   0, which is what ``2 tp / (2 tp + fp + fn)`` gives since ``tp = 0`` and the denominator is positive.
+* **Surface distances** (:mod:`medseg.metrics.distances`) follow the same rule: both empty -> HD95
+  and NSD are NaN; one empty -> NSD is 0 and HD95 is ``inf`` (no surface to measure to). Summaries
+  leave NaN and ``inf`` out of means and other statistics and report how many there were.
 
 Speed: all structures of a label map are counted in one pass over the voxels, whatever their number.
 Label values are mapped to compact indices ``0..K`` through a lookup table (``0`` = any value not asked
@@ -36,7 +39,9 @@ __all__ = ["EMPTY_POLICY", "Counts", "count_overlaps", "count_overlaps_masks", "
 
 EMPTY_POLICY = (
     "Dice is NaN when a structure is absent from both the reference and the prediction (such cases are "
-    "excluded from means and counted separately as n_valid); Dice is 0 when it is absent from only one."
+    "excluded from means and counted separately as n_valid); Dice is 0 when it is absent from only one. "
+    "Surface distances likewise: both empty -> HD95 and NSD NaN; one empty -> NSD 0 and HD95 inf, which "
+    "is excluded from HD95 statistics and counted (n_inf)."
 )
 
 _CHUNK_VOXELS = 1 << 22  # voxels per slab: bounds the temporary index arrays (~32 MB of intp)
