@@ -40,8 +40,9 @@ echo "== 5/5 prediction on the held-out cases (NIfTI, DICOM series and PNG input
 "$MEDSEG" predict --model "$DEMO_DIR/runs/ct" --input "$DEMO_DIR/ct/imagesTs" \
     --output "$DEMO_DIR/predictions/ct" --no-progress
 # the DICOM copies have the same case ids: their own output folder
+# (--format both: a NIfTI label map and a DICOM SEG per series)
 "$MEDSEG" predict --model "$DEMO_DIR/runs/ct" --input "$DEMO_DIR/ct/dicomTs" \
-    --output "$DEMO_DIR/predictions/ct_dicom" --no-progress
+    --output "$DEMO_DIR/predictions/ct_dicom" --format both --no-progress
 cxr_test=()
 while read -r case_id; do
     case "$case_id" in ""|\#*) continue ;; esac
@@ -50,6 +51,17 @@ done < "$DEMO_DIR/chest_xray/test.txt"
 "$MEDSEG" predict --model "$DEMO_DIR/runs/chest_xray" --input "${cxr_test[@]}" \
     --output "$DEMO_DIR/predictions/chest_xray" --no-progress
 
+echo "== evaluation of the CT predictions against the held-out reference labels"
+"$MEDSEG" evaluate --pred "$DEMO_DIR/predictions/ct" --ref "$DEMO_DIR/ct/labelsTs" --labels "$DEMO_DIR/runs/ct" \
+    --distances --output "$DEMO_DIR/evaluation/ct"
+
+echo "== organ-volume report for one predicted phantom"
+first_ct=$(ls "$DEMO_DIR"/ct/imagesTs/*.nii.gz | head -n 1)
+report_case=$(basename "$first_ct" .nii.gz)
+report_case=${report_case%_0000}
+"$MEDSEG" report --image "$first_ct" --mask "$DEMO_DIR/predictions/ct/$report_case.nii.gz" \
+    --model "$DEMO_DIR/runs/ct" --output "$DEMO_DIR/reports/$report_case"
+
 echo
 echo "Demo outputs:"
 echo "  CT phantoms (MSD layout):          $DEMO_DIR/ct"
@@ -57,4 +69,7 @@ echo "  chest X-ray phantoms (SCR layout): $DEMO_DIR/chest_xray"
 echo "  trained models (run directories):  $DEMO_DIR/runs/ct  $DEMO_DIR/runs/chest_xray"
 echo "    training curves:                 $DEMO_DIR/runs/ct/curves.png  $DEMO_DIR/runs/chest_xray/curves.png"
 echo "  CT label maps (input geometry):    $DEMO_DIR/predictions/ct  (DICOM inputs: $DEMO_DIR/predictions/ct_dicom)"
+echo "  CT DICOM SEG objects:             $DEMO_DIR/predictions/ct_dicom/*_seg.dcm"
 echo "  chest X-ray masks (PNG per structure): $DEMO_DIR/predictions/chest_xray"
+echo "  CT evaluation (metrics.csv, summary.json, Dice box plot): $DEMO_DIR/evaluation/ct"
+echo "  organ-volume report:               $DEMO_DIR/reports/$report_case/report.html (and report.pdf)"
