@@ -376,7 +376,7 @@ class Restorer:
         if self.sink is not None:
             self.sink((*inplane, slice(c0 + z0, c0 + z1)), probs)
         if self.mode == "softmax":
-            lab = self.lut[probs.argmax(axis=1)]  # (n, *inplane)
+            lab = self.lut[_argmax_channels(probs)]  # (n, *inplane)
             self.out[(0, *inplane, slice(c0 + z0, c0 + z1))] = np.moveaxis(lab, 0, -1)
         else:
             masks = (probs >= self.threshold).astype(self.out.dtype)  # (n, S, *inplane)
@@ -387,12 +387,28 @@ class Restorer:
         return self.next >= self.layout.crop_shape[-1]
 
 
+def _argmax_channels(probs: np.ndarray) -> np.ndarray:
+    """``probs.argmax(axis=1)`` (first maximum wins) as a running maximum over the channels: each
+    step reads contiguous planes, several times faster than numpy's or torch's strided argmax."""
+    best = probs[:, 0].copy()
+    idx = np.zeros(best.shape, np.int64)
+    for k in range(1, probs.shape[1]):
+        upd = probs[:, k] > best
+        np.copyto(best, probs[:, k], where=upd)
+        idx[upd] = k
+    return idx
+
+
 def new_output(layout: Layout, plan: Plan) -> np.ndarray:
-    """Zero-filled output in the input's storage order: ``(1, *shape)`` labels or ``(S, *shape)`` masks."""
+    """Zero-filled output in the input's storage order: ``(1, *shape)`` labels or ``(S, *shape)`` masks.
+
+    Fortran order, as NIfTI stores voxels: slabs along the last axis are contiguous, and the writer
+    needs no reordered copy of the label map.
+    """
     if plan.mode == "softmax":
         dtype = np.uint16 if max(plan.label_values, default=0) > 255 else np.uint8
-        return np.zeros((1, *layout.original_shape), dtype)
-    return np.zeros((len(plan.structure_names), *layout.original_shape), np.uint8)
+        return np.zeros((1, *layout.original_shape), dtype, order="F")
+    return np.zeros((len(plan.structure_names), *layout.original_shape), np.uint8, order="F")
 
 
 def restore_to_original(
@@ -486,8 +502,10 @@ class _Runner:
                     if 0 in axes:
                         y = y[:, self.perm]
                 total = y if total is None else total + y
-        assert total is not None
-        return (total / len(self.flips)).cpu().numpy()
+            assert total is not None
+            if len(self.flips) > 1:
+                total /= len(self.flips)
+        return total.cpu().numpy()
 
 
 def _ring(start: int, length: int, cap: int) -> list[tuple[slice, slice]]:
@@ -513,10 +531,9 @@ class Accumulator:
         zs = window[-1]
         inplane = window[:-1]
         for buf, src in _ring(zs.start, zs.stop - zs.start, self.cap):
-            self.acc[(buf, slice(None), *inplane)] += (logits_zfirst[src] * imp_zfirst[src][:, None]).astype(
-                self.acc.dtype, copy=False
-            )
-            self.wsum[(buf, *inplane)] += imp_zfirst[src]
+            w = imp_zfirst[src]
+            self.acc[(buf, slice(None), *inplane)] += logits_zfirst[src] * w[:, None]
+            self.wsum[(buf, *inplane)] += w
 
     def take(self, p0: int, p1: int) -> tuple[np.ndarray, np.ndarray]:
         """Remove rows ``p0:p1`` (weighted sums, weights) from the ring; they are zeroed for reuse."""
