@@ -281,20 +281,22 @@ def group_inputs(inputs: list[Path], in_channels: int) -> list[tuple[str, list[P
 
 
 def load_channels(paths: list[Path]) -> Volume:
-    """One file per channel -> one multi-channel Volume (all on the same grid)."""
+    """One file per channel -> one multi-channel Volume; all channels must share one stored grid
+    (same shape and affine: the arrays are stacked as they are)."""
     from medseg.io import load_volume
-    from medseg.types import same_physical_grid
 
     vols = [load_volume(p) for p in paths]
     if len(vols) == 1:
         return vols[0]
+    first = vols[0]
     for p, v in zip(paths[1:], vols[1:], strict=True):
-        if not same_physical_grid(vols[0], v):
+        if v.spatial_shape != first.spatial_shape or not np.allclose(v.affine, first.affine, atol=1e-4):
             raise DataError(
-                f"{p}: channel grid {v.spatial_shape} {v.spacing_mm} differs from {paths[0]} "
-                f"{vols[0].spatial_shape} {vols[0].spacing_mm}; all channels of a case must share one grid"
+                f"{p}: channel grid {v.spatial_shape} {v.orientation} spacing {v.spacing_mm} differs from "
+                f"{paths[0]} {first.spatial_shape} {first.orientation} spacing {first.spacing_mm}; all "
+                "channels of a case must be stored on one grid (resample them onto the _0000 image)"
             )
-    return vols[0].with_array(np.concatenate([v.array for v in vols]))
+    return first.with_array(np.concatenate([v.array for v in vols]))
 
 
 def _versions() -> dict[str, str]:

@@ -310,3 +310,23 @@ def test_report_after_prediction(bundle: Path, tmp_path: Path) -> None:
     report = json.loads((out / "r1_report" / "report.json").read_text())
     assert (out / "r1_report" / "report.html").stat().st_size > 1000
     assert str(bundle) in json.dumps(report)
+
+
+def test_channel_files_are_grouped_into_one_case(tmp_path: Path) -> None:
+    from medseg.errors import DataError
+    from medseg.inference.predict import group_inputs, load_channels
+
+    files = [tmp_path / n for n in ("b_0001.nii.gz", "a_0000.nii.gz", "b_0000.nii.gz", "a_0001.nii.gz")]
+    groups = dict(group_inputs(files, 2))
+    assert [p.name for p in groups["b"]] == ["b_0000.nii.gz", "b_0001.nii.gz"]
+    with pytest.raises(DataError, match="found \\['c_0000.nii.gz'\\]"):
+        group_inputs([tmp_path / "c_0000.nii.gz"], 2)
+    with pytest.raises(DataError, match="same output name"):
+        group_inputs(files, 1)
+    save_volume(_scan(AFFINES["RAS"]), tmp_path / "a_0000.nii.gz")
+    save_volume(_scan(AFFINES["RAS"]).with_array(_scan(AFFINES["RAS"]).array + 5), tmp_path / "a_0001.nii.gz")
+    two = load_channels(groups["a"])
+    assert two.num_channels == 2 and int(two.array[1].max() - two.array[0].max()) == 5
+    save_volume(_scan(AFFINES["LPS"]), tmp_path / "a_0001.nii.gz")
+    with pytest.raises(DataError, match="a_0001.nii.gz: channel grid"):
+        load_channels(groups["a"])
