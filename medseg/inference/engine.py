@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -85,6 +85,60 @@ def oriented_view(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
         return array
     moved = np.moveaxis(array, 0, -1)
     return np.moveaxis(nib.orientations.apply_orientation(moved, ornt), -1, 0)
+
+
+class CanonicalSlabs:
+    """Slabs along the canonical (RAS) last axis of a scan, from memory or lazily from its file.
+
+    ``image`` is a :class:`~medseg.types.Volume` or any object with the same geometry attributes and
+    a ``read_slab(z0, z1)`` method giving ``(C, X, Y, z1 - z0)`` in storage order (e.g.
+    :class:`medseg.io.nifti.NiftiSlabs`, which never holds the whole scan). A lazily read scan whose
+    storage slice axis is not the canonical one is loaded whole (``image.load()``).
+    """
+
+    def __init__(self, image: Any, ornt: np.ndarray) -> None:
+        self.ornt = np.asarray(ornt)
+        dims = image.spatial_dims
+        shape = image.spatial_shape
+        self.channels = image.num_channels
+        self.shape = tuple(shape) if dims == 2 else tuple(_reoriented_shape(shape, self.ornt))
+        reader = getattr(image, "read_slab", None)
+        direct = reader is not None and (dims == 2 or int(self.ornt[-1, 0]) == dims - 1)
+        self.reader = reader if direct else None
+        self.view = None
+        if self.reader is None:
+            array = image.array if reader is None else image.load().array
+            self.view = oriented_view(array, self.ornt)
+        self.flip = dims == 3 and self.ornt[-1, 1] < 0
+        self.n = shape[-1]
+
+    def slab(self, z0: int, z1: int, inplane: Sequence[slice] | None = None) -> np.ndarray:
+        """Canonical rows ``z0:z1`` as ``(C, *inplane, z1 - z0)`` (a view when held in memory)."""
+        if self.view is not None:
+            out = self.view[..., z0:z1]
+        else:
+            s0, s1 = (self.n - z1, self.n - z0) if self.flip else (z0, z1)
+            out = oriented_view(self.reader(s0, s1), self.ornt)
+        if inplane is not None:
+            out = out[(slice(None), *inplane, slice(None))]
+        return out
+
+    def slabs(
+        self, inplane: Sequence[slice] | None = None, z: slice | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(z0, slab)`` over rows ``z`` (default all) in chunks of about ``_CHUNK_BYTES`` as float32."""
+        z = z or slice(0, self.shape[-1])
+        plane = math.prod(s.stop - s.start for s in inplane) if inplane else math.prod(self.shape[:-1])
+        step = max(1, int(_CHUNK_BYTES // max(1, 4 * plane * self.channels)))
+        for z0 in range(z.start, z.stop, step):
+            yield z0, self.slab(z0, min(z.stop, z0 + step), inplane)
+
+
+def _reoriented_shape(shape: Sequence[int], ornt: np.ndarray) -> list[int]:
+    out = [0] * len(shape)
+    for i, (j, _) in enumerate(np.asarray(ornt)):
+        out[int(j)] = int(shape[i])
+    return out
 
 
 def _canonical_affine(affine: np.ndarray, ornt: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -190,23 +244,23 @@ def _padding(shape: Sequence[int], patch: Sequence[int]) -> tuple[tuple[int, int
     return tuple(out)
 
 
-def body_box(canonical: np.ndarray, threshold: float, margin: int = BODY_MARGIN_VOXELS) -> tuple[slice, ...]:
+def body_box(
+    canonical: np.ndarray | CanonicalSlabs, threshold: float, margin: int = BODY_MARGIN_VOXELS
+) -> tuple[slice, ...]:
     """Bounding box of ``channel 0 > threshold`` grown by ``margin``, computed slab-wise (no full mask).
 
     Same result as ``bbox_of(canonical[0] > threshold, margin=margin)``; an image without body voxels
     gives the whole grid.
     """
-    img = canonical[0]
-    shape = img.shape
+    shape = canonical.shape if isinstance(canonical, CanonicalSlabs) else canonical.shape[1:]
     hits = [np.zeros(n, bool) for n in shape]
-    step = max(1, int(_CHUNK_BYTES // max(1, math.prod(shape[:-1]))))
-    for z0 in range(0, shape[-1], step):
-        m = img[..., z0 : z0 + step] > threshold
+    for z0, slab in _iter_slabs(canonical):
+        m = slab[0] > threshold
         for ax in range(len(shape)):
             other = tuple(a for a in range(len(shape)) if a != ax)
             proj = m.any(axis=other)
             if ax == len(shape) - 1:
-                hits[ax][z0 : z0 + step] |= proj
+                hits[ax][z0 : z0 + len(proj)] |= proj
             else:
                 hits[ax] |= proj
     if not hits[0].any():
@@ -218,27 +272,38 @@ def body_box(canonical: np.ndarray, threshold: float, margin: int = BODY_MARGIN_
     return tuple(box)
 
 
-def plan_layout(image: Volume, plan: Plan) -> tuple[Layout, np.ndarray]:
-    """The :class:`Layout` of ``image`` under ``plan`` and the canonical *view* of its array."""
+def _iter_slabs(x: np.ndarray | CanonicalSlabs) -> Iterator[tuple[int, np.ndarray]]:
+    """``(z0, slab)`` chunks of an in-memory canonical array or of :class:`CanonicalSlabs`."""
+    if isinstance(x, CanonicalSlabs):
+        yield from x.slabs()
+        return
+    step = max(1, int(_CHUNK_BYTES // max(1, 4 * math.prod(x.shape[:-1]))))
+    for z0 in range(0, x.shape[-1], step):
+        yield z0, x[..., z0 : z0 + step]
+
+
+def plan_layout(image: Any, plan: Plan) -> tuple[Layout, CanonicalSlabs]:
+    """The :class:`Layout` of ``image`` under ``plan`` and canonical slab access to its voxels."""
     from medseg.data.geometry import canonical_ornt, resampled_shape
 
     ornt = canonical_ornt(image.affine, image.spatial_dims)
-    canon = oriented_view(image.array, ornt)
-    canonical_shape = tuple(canon.shape[1:])
+    src = CanonicalSlabs(image, ornt)
+    canonical_shape = src.shape
     box = tuple(slice(0, s) for s in canonical_shape)
     if plan.crop_to_body and plan.body_threshold is not None:
-        box = body_box(canon, plan.body_threshold)
+        box = body_box(src, plan.body_threshold)
     aff = _canonical_affine(image.affine, ornt, image.spatial_shape)
     spacing = tuple(float(np.linalg.norm(aff[:3, i])) for i in range(image.spatial_dims))
     crop_shape = tuple(s.stop - s.start for s in box)
     res = resampled_shape(crop_shape, spacing, plan.target_spacing_mm)
     layout = Layout(image.spatial_shape, ornt, canonical_shape, box, res, _padding(res, plan.patch_size))
-    return layout, canon
+    return layout, src
 
 
-def fixed_normalization(norm: ChannelNorm, channel: np.ndarray) -> ChannelNorm:
-    """A per-image z-score turned into a fixed affine map, with statistics taken slab-wise from the
-    (cropped, not resampled) channel; CT normalisation is returned unchanged.
+def fixed_normalization(norm: ChannelNorm, chunks: Iterable[np.ndarray]) -> ChannelNorm:
+    """A per-image z-score turned into a fixed affine map, with statistics taken slab-wise from
+    ``chunks`` (arrays covering the cropped, not resampled, channel); CT normalisation is returned
+    unchanged.
 
     Lazy preprocessing needs the statistics before the first slab is made. Linear resampling
     preserves the mean to within interpolation error, so this matches training's z-score of the
@@ -247,9 +312,8 @@ def fixed_normalization(norm: ChannelNorm, channel: np.ndarray) -> ChannelNorm:
     if norm.scheme == "ct":
         return norm
     total, total_sq, n = 0.0, 0.0, 0
-    step = max(1, int(_CHUNK_BYTES // max(1, 8 * math.prod(channel.shape[:-1]))))
-    for z0 in range(0, channel.shape[-1], step):
-        c = channel[..., z0 : z0 + step].astype(np.float64)
+    for chunk in chunks:
+        c = np.asarray(chunk, np.float64)
         total += float(c.sum())
         total_sq += float((c * c).sum())
         n += c.size
@@ -268,10 +332,12 @@ class LazyInput:
     order of their start; rows before the latest request's start are dropped.
     """
 
-    def __init__(self, crop: np.ndarray, layout: Layout, norms: Sequence[ChannelNorm], cval: float) -> None:
-        self.crop, self.layout, self.norms, self.cval = crop, layout, list(norms), float(cval)
+    def __init__(
+        self, src: CanonicalSlabs, layout: Layout, norms: Sequence[ChannelNorm], cval: float
+    ) -> None:
+        self.src, self.layout, self.norms, self.cval = src, layout, list(norms), float(cval)
         self.inplane_padded = layout.padded_shape[:-1]
-        self.buf = np.empty((0, crop.shape[0], *self.inplane_padded), np.float32)
+        self.buf = np.empty((0, src.channels, *self.inplane_padded), np.float32)
         self.b0 = 0
 
     def rows(self, p0: int, p1: int) -> np.ndarray:
@@ -289,13 +355,14 @@ class LazyInput:
         lay = self.layout
         before = lay.pad[-1][0]
         z_res = lay.resampled_shape[-1]
-        out = np.full((p1 - p0, self.crop.shape[0], *self.inplane_padded), self.cval, np.float32)
+        out = np.full((p1 - p0, self.src.channels, *self.inplane_padded), self.cval, np.float32)
         r0, r1 = max(p0 - before, 0), min(p1 - before, z_res)
         if r1 <= r0:
             return out
         i0, i1, lam = linear_taps(z_res, lay.crop_shape[-1], r0, r1)
         lo, hi = int(i0.min()), int(i1.max()) + 1
-        raw = _zfirst(self.crop[..., lo:hi])  # (n, C, *inplane_crop), source dtype
+        c0 = lay.crop[-1].start
+        raw = _zfirst(self.src.slab(c0 + lo, c0 + hi, lay.crop[:-1]))  # (n, C, *inplane_crop), source dtype
         x = _zinterp(raw, i0 - lo, i1 - lo, lam)
         x = _resize_inplane(x, lay.resampled_shape[:-1])
         for c, norm in enumerate(self.norms):
@@ -591,16 +658,18 @@ def segment(
 
     opts = opts or EngineOptions()
     stats = stats if stats is not None else EngineStats()
-    layout, canon = plan_layout(image, plan)
-    crop = canon[(slice(None), *layout.crop)]
-    norms = [fixed_normalization(n, crop[c]) for c, n in enumerate(plan.normalization)]
-    cval = (
-        min(float(n.apply(np.array([crop[c].min()]))[0]) for c, n in enumerate(norms)) if crop.size else 0.0
-    )
+    layout, src = plan_layout(image, plan)
+    inplane, zc = layout.crop[:-1], layout.crop[-1]
+    norms = [
+        fixed_normalization(n, (s[c] for _, s in src.slabs(inplane, zc)))
+        for c, n in enumerate(plan.normalization)
+    ]
+    lowest = [min(float(s[c].min()) for _, s in src.slabs(inplane, zc)) for c in range(src.channels)]
+    cval = min(float(n.apply(np.array([lo], np.float32))[0]) for lo, n in zip(lowest, norms, strict=True))
     air = None
     if opts.skip_air and plan.body_threshold is not None:
         air = max(float(n.apply(np.array([plan.body_threshold], np.float32))[0]) for n in norms)
-    lazy = LazyInput(crop, layout, norms, cval)
+    lazy = LazyInput(src, layout, norms, cval)
     out = new_output(layout, plan)
     restorer = Restorer(layout, oriented_view(out, layout.ornt), plan, threshold=opts.threshold, sink=sink)
 

@@ -369,8 +369,6 @@ def predict_case(
     batch: BatchOptions,
 ) -> dict[str, Any]:
     """Predict one case (its channel files) and write every requested output; returns its manifest row."""
-    from medseg.data.datasets import squeeze_2d
-
     t0 = time.perf_counter()
     source = paths[0]
     if batch.output_format != "nifti" and not source.is_dir():
@@ -378,7 +376,41 @@ def predict_case(
             f"{source}: --format {batch.output_format} needs a DICOM series folder as input (a DICOM SEG "
             "references the scan's instances); use --format nifti for this input"
         )
-    vol = load_channels(paths)
+    stream = _open_streaming(paths, bundle.plan, batch)
+    try:
+        return _predict_loaded(bundle, stream or load_channels(paths), paths, out_dir, case, opts, batch, t0)
+    finally:
+        if stream is not None:
+            stream.close()
+
+
+def _open_streaming(paths: list[Path], plan: Plan, batch: BatchOptions) -> Any:
+    """A :class:`~medseg.io.nifti.NiftiSlabs` for a single 3D NIfTI input (the scan is then read slab by
+    slab instead of held whole), or None: other inputs, and ``--report`` (which needs the voxels),
+    are loaded."""
+    from medseg.io.nifti import NiftiSlabs, is_nifti
+
+    if len(paths) != 1 or plan.spatial_dims != 3 or batch.report or not is_nifti(paths[0]):
+        return None
+    try:
+        return NiftiSlabs(paths[0])
+    except DataError:
+        return None  # not 3D, or unreadable: load_volume gives the proper error
+
+
+def _predict_loaded(
+    bundle: ModelBundle,
+    vol: Any,
+    paths: list[Path],
+    out_dir: Path,
+    case: str,
+    opts: EngineOptions,
+    batch: BatchOptions,
+    t0: float,
+) -> dict[str, Any]:
+    from medseg.data.datasets import squeeze_2d
+
+    source = paths[0]
     t_read = time.perf_counter()
     image = squeeze_2d(vol) if bundle.plan.spatial_dims == 2 else vol
     est = check_memory(image, bundle, opts, batch.max_memory_bytes)

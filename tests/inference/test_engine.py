@@ -226,3 +226,31 @@ class _Shape(Volume):
         )
         object.__setattr__(self, "affine", np.diag([0.8, 0.8, 1.0, 1.0]))
         object.__setattr__(self, "meta", {})
+
+
+@pytest.mark.parametrize(
+    "axes",
+    [
+        np.eye(3),
+        np.diag([-1.0, -1, 1]),
+        np.diag([1.0, 1, -1]),
+        np.array([[0, 0, 1], [-1, 0, 0], [0, 1, 0.0]]),
+    ],
+    ids=["RAS", "LPS", "RAI-z-flipped", "PSR-reordered"],
+)
+def test_streamed_nifti_gives_the_same_labels_as_the_loaded_volume(tmp_path, axes):
+    """Reading the scan slab by slab from its file (NiftiSlabs) changes nothing in the result."""
+    from medseg.io import load_volume, save_volume
+    from medseg.io.nifti import NiftiSlabs
+
+    aff = np.eye(4)
+    aff[:3, :3] = axes * np.array([0.9, 1.1, 2.0])[None, :]
+    path = tmp_path / "scan.nii.gz"
+    save_volume(_ct((21, 17, 13), aff), path)
+    plan = _plan("softmax", spacing=(1.3, 1.1, 1.9), patch=(16, 16, 8), crop=True)
+    net = _conv_net(plan.out_channels)
+    want = segment(load_volume(path), plan, net, "cpu", EngineOptions(skip_air=False))
+    with NiftiSlabs(path) as src:
+        got = segment(src, plan, net, "cpu", EngineOptions(skip_air=False))
+    np.testing.assert_array_equal(got, want)
+    assert want.any()

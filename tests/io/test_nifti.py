@@ -148,3 +148,28 @@ def test_never_overwrites_the_input(tmp_path: Path) -> None:
     vol = load_volume(path)
     with pytest.raises(DataError, match="refusing to overwrite the input"):
         save_label_map(vol, path)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_slab_reader_matches_the_whole_image(tmp_path, suffix):
+    import nibabel as nib
+
+    from medseg.io import load_volume
+    from medseg.io.nifti import NiftiSlabs
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(-1000, 1000, (7, 5, 11)).astype(np.int16)
+    path = tmp_path / f"x{suffix}"
+    nib.save(nib.Nifti1Image(data, np.diag([0.7, 0.8, 2.0, 1.0])), str(path))
+    with NiftiSlabs(path) as src:
+        assert src.spatial_shape == (7, 5, 11) and src.spacing_mm == pytest.approx((0.7, 0.8, 2.0))
+        np.testing.assert_array_equal(src.read_slab(3, 8)[0], data[..., 3:8])
+        np.testing.assert_array_equal(src.load().array, load_volume(path).array)
+        np.testing.assert_array_equal(src.affine, load_volume(path).affine)
+        tmp = src._tmp
+    assert tmp is None or not tmp.exists(), "the decompressed temporary file is removed"
+    scaled = nib.Nifti1Image(data, np.eye(4))
+    scaled.header.set_slope_inter(0.5, -3.0)
+    nib.save(scaled, str(tmp_path / f"s{suffix}"))
+    with NiftiSlabs(tmp_path / f"s{suffix}") as src:
+        np.testing.assert_allclose(src.read_slab(0, 11)[0], data * 0.5 - 3.0)
