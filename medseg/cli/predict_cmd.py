@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         report=args.report,
         overwrite=args.overwrite,
         progress=not args.no_progress,
-        max_memory_bytes=int(args.max_memory * 2**30) if args.max_memory else None,
+        max_memory_bytes=int(args.max_memory * 2**30) if args.max_memory is not None else None,
     )
     manifest = predict_files(args.model, inputs, args.output, device=args.device, engine=engine, batch=batch)
     done = [c for c in manifest["cases"] if not c.get("skipped")]

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 
 from medseg.data.plan import ChannelNorm, Plan
+from medseg.errors import ConfigError, DataError
 from medseg.types import Volume
 
 logger = logging.getLogger(__name__)
@@ -53,9 +54,11 @@ class EngineOptions:
     Attributes:
         overlap: Fraction of a window shared with its neighbour (MONAI's ``overlap``).
         batch_size: Windows per forward pass.
-        tta: Average the logits of all mirrorings of each window (paired left/right channels swapped
-            for mirrors of the left-right axis).
-        skip_air: Do not run windows whose input lies entirely below the plan's body threshold (CT).
+        tta: Average the logits of each window and of its left-right mirror (the mirror training
+            uses), with paired left/right channels swapped back.
+        skip_air: Do not run windows whose first channel lies entirely at or below the normalised body
+            threshold (CT; when the plan clips above the threshold, "at the clip floor": voxels the
+            network cannot tell from air). Their voxels are background.
         accumulator_dtype: ``float32``, or ``float16`` to halve the accumulator (argmax ties may change).
         threshold: Probability threshold of sigmoid (overlapping-structure) models.
         progress: Show a progress bar over windows.
@@ -68,6 +71,14 @@ class EngineOptions:
     accumulator_dtype: Literal["float32", "float16"] = "float32"
     threshold: float = 0.5
     progress: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"threshold must be in (0, 1), got {self.threshold}")
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -513,11 +524,13 @@ def window_slices(
 
 
 def mirror_axes(spatial_dims: int) -> list[tuple[int, ...]]:
-    """All mirror combinations of the spatial axes (the first, ``()``, is the identity)."""
-    from itertools import combinations
+    """The mirrorings TTA averages: the identity and the left-right mirror (spatial axis 0).
 
-    axes = range(spatial_dims)
-    return [c for r in range(spatial_dims + 1) for c in combinations(axes, r)]
+    Only the mirror that training augmentation applies (:class:`medseg.data.augment._MirrorLR`): a
+    network never shown anatomy flipped front-to-back or head-to-feet would be asked about images
+    unlike anything it learned from, which lowers accuracy instead of raising it.
+    """
+    return [(), (0,)]
 
 
 def lr_channel_permutation(plan: Plan) -> list[int]:
@@ -658,6 +671,14 @@ def segment(
 
     opts = opts or EngineOptions()
     stats = stats if stats is not None else EngineStats()
+    where = image.meta.get("source", "image")
+    if image.spatial_dims != plan.spatial_dims:
+        raise DataError(f"{where}: {image.spatial_dims}D image, but the model is {plan.spatial_dims}D")
+    if image.num_channels != plan.in_channels:
+        raise DataError(
+            f"{where}: {image.num_channels} channel(s), the model expects {plan.in_channels} "
+            "(one file per channel: <case>_0000, <case>_0001, ...)"
+        )
     layout, src = plan_layout(image, plan)
     inplane, zc = layout.crop[:-1], layout.crop[-1]
     norms = [
@@ -668,7 +689,8 @@ def segment(
     cval = min(float(n.apply(np.array([lo], np.float32))[0]) for lo, n in zip(lowest, norms, strict=True))
     air = None
     if opts.skip_air and plan.body_threshold is not None:
-        air = max(float(n.apply(np.array([plan.body_threshold], np.float32))[0]) for n in norms)
+        # channel 0 decides, as for the body box (other channels may be normalised differently)
+        air = float(norms[0].apply(np.array([plan.body_threshold], np.float32))[0])
     lazy = LazyInput(src, layout, norms, cval)
     out = new_output(layout, plan)
     restorer = Restorer(layout, oriented_view(out, layout.ornt), plan, threshold=opts.threshold, sink=sink)
@@ -707,7 +729,7 @@ def segment(
             flush()
             final.advance(accum, start)
         x = _window_input(lazy, w)  # read now: the lazy input drops rows behind the latest window
-        if air is not None and float(x.max()) <= air:
+        if air is not None and float(x[0].max()) <= air:
             bar.update(1)
         else:
             batch.append((w, x))

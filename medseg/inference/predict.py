@@ -203,7 +203,10 @@ class ProbabilityWriter:
         self.final = out_dir / f"{case}_probabilities.npy"
         self.tmp = out_dir / f".{case}_probabilities.tmp-{os.getpid()}.npy"
         shape = (plan.out_channels, *image.spatial_shape)
-        self.mm = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float16, shape=shape)
+        # Fortran order: slabs along the last axis are contiguous in the file, as the engine writes them
+        self.mm = np.lib.format.open_memmap(
+            self.tmp, mode="w+", dtype=np.float16, shape=shape, fortran_order=True
+        )
         if plan.mode == "softmax":
             self.mm[0] = 1.0
         self.view = oriented_view(self.mm, canonical_ornt(image.affine, image.spatial_dims))
@@ -256,7 +259,7 @@ def group_inputs(inputs: list[Path], in_channels: int) -> list[tuple[str, list[P
 
     groups: dict[str, list[Path]] = {}
     for p in inputs:
-        groups.setdefault(case_id(p), []).append(Path(p))
+        groups.setdefault(case_id(p, channels=in_channels), []).append(Path(p))
     if in_channels == 1:
         clashes = {n: ps for n, ps in groups.items() if len(ps) > 1}
         if clashes:
@@ -351,8 +354,14 @@ def check_memory(vol: Volume, bundle: ModelBundle, opts: EngineOptions, limit: i
     return est
 
 
-def _expected_outputs(out_dir: Path, case: str, path: Path, plan: Plan, fmt: OutputFormat) -> list[Path]:
+def _expected_outputs(out_dir: Path, case: str, path: Path, plan: Plan, batch: BatchOptions) -> list[Path]:
+    """Everything this run would write for a case: a case counts as done only when all of it exists."""
+    fmt = batch.output_format
     outs = []
+    if batch.save_probabilities:
+        outs.append(out_dir / f"{case}_probabilities.npy")
+    if batch.report:
+        outs.append(out_dir / f"{case}_report" / "report.html")
     if fmt in ("nifti", "both"):
         outs.append(output_path(out_dir, case, plan, output_extension(path, plan)))
     if fmt in ("dicom-seg", "both"):
@@ -394,8 +403,9 @@ def _open_streaming(paths: list[Path], plan: Plan, batch: BatchOptions) -> Any:
         return None
     try:
         return NiftiSlabs(paths[0])
-    except DataError:
-        return None  # not 3D, or unreadable: load_volume gives the proper error
+    except (DataError, OSError) as exc:  # not 3D, unreadable, or no room for the temp file
+        logger.debug("%s: reading whole (%s)", paths[0], exc)
+        return None  # load_volume reads it or gives the proper error
 
 
 def _predict_loaded(
@@ -415,25 +425,25 @@ def _predict_loaded(
     image = squeeze_2d(vol) if bundle.plan.spatial_dims == 2 else vol
     est = check_memory(image, bundle, opts, batch.max_memory_bytes)
     stats = EngineStats()
-    writer = None
-    if batch.save_probabilities:
-        writer = ProbabilityWriter(out_dir, case, image, bundle.plan)
+    writer = ProbabilityWriter(out_dir, case, image, bundle.plan) if batch.save_probabilities else None
     try:
         pred = predict_volume(bundle, vol, opts, sink=writer, stats=stats)
-    except BaseException:
+        t_pred = time.perf_counter()
+        files: list[Path] = []
+        if batch.output_format in ("nifti", "both"):
+            ext = output_extension(source, bundle.plan)
+            files += write_prediction(pred, bundle.plan, out_dir, case, ext=ext)
+        if batch.output_format in ("dicom-seg", "both"):
+            files.append(_write_seg(pred, bundle, source, out_dir / f"{case}_seg.dcm"))
         if writer is not None:
+            files += writer.close()
+            writer = None
+        if batch.report:
+            files += _write_report(vol, pred, bundle, out_dir / f"{case}_report")
+    except BaseException:
+        if writer is not None:  # a half-written probability file must not stay behind
             writer.abort()
         raise
-    t_pred = time.perf_counter()
-    files: list[Path] = []
-    if batch.output_format in ("nifti", "both"):
-        files += write_prediction(pred, bundle.plan, out_dir, case, ext=output_extension(source, bundle.plan))
-    if batch.output_format in ("dicom-seg", "both"):
-        files.append(_write_seg(pred, bundle, source, out_dir / f"{case}_seg.dcm"))
-    if writer is not None:
-        files += writer.close()
-    if batch.report:
-        files += _write_report(vol, pred, bundle, out_dir / f"{case}_report")
     t_end = time.perf_counter()
     return {
         "input": [str(p) for p in paths] if len(paths) > 1 else str(source),
@@ -508,7 +518,7 @@ def predict_files(
     t_start = time.perf_counter()
     for name, paths in tqdm(cases, desc="predict", disable=not batch.progress):
         try:
-            expected = _expected_outputs(out_dir, name, paths[0], bundle.plan, batch.output_format)
+            expected = _expected_outputs(out_dir, name, paths[0], bundle.plan, batch)
             if all(p.exists() for p in expected) and not batch.overwrite:
                 rows.append({"input": str(paths[0]), "case": name, "skipped": True})
                 continue

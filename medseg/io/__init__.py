@@ -33,8 +33,12 @@ def is_dicom_file(path: str | Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def case_id(path: str | Path) -> str:
-    """Case name of an input: file name without extension(s) and without a ``_0000`` channel suffix."""
+def case_id(path: str | Path, *, channels: int = 1) -> str:
+    """Case name of an input: file name without extension(s) and without its nnU-Net channel suffix.
+
+    Only ``_0000`` is a channel suffix for single-channel data (``amos_0500.nii.gz`` is case
+    ``amos_0500``, not ``amos``); with ``channels=C`` the suffixes ``_0000`` ... ``_{C-1:04d}`` are.
+    """
     import re
 
     p = Path(path)
@@ -43,7 +47,10 @@ def case_id(path: str | Path) -> str:
         if name.lower().endswith(suf):
             name = name[: -len(suf)]
             break
-    return re.sub(r"_\d{4}$", "", name)
+    m = re.search(r"_(\d{4})$", name)
+    if m and int(m.group(1)) < max(1, channels):
+        name = name[: m.start()]
+    return name
 
 
 def load_volume(path: str | Path, *, series_uid: str | None = None) -> Volume:

@@ -102,9 +102,11 @@ class NiftiSlabs:
         import gzip
         import shutil
         import tempfile
+        import zlib
 
         import nibabel as nib
 
+        self._tmp: Path | None = None
         self.path = Path(path)
         try:
             img = nib.load(str(self.path))
@@ -127,13 +129,18 @@ class NiftiSlabs:
             "qform_code": int(hdr["qform_code"]),
         }
         offset = int(img.dataobj.offset)  # the header field may read 0 ("default") for single files
-        self._tmp: Path | None = None
         if str(self.path).lower().endswith(".gz"):
             fd, name = tempfile.mkstemp(prefix="medseg-", suffix=".raw")
             self._tmp = Path(name)
-            with gzip.open(self.path, "rb") as src, open(fd, "wb") as dst:
-                src.seek(offset)
-                shutil.copyfileobj(src, dst, 64 * 2**20)
+            try:
+                with gzip.open(self.path, "rb") as src, open(fd, "wb") as dst:
+                    src.seek(offset)
+                    shutil.copyfileobj(src, dst, 64 * 2**20)
+            except (OSError, EOFError, zlib.error) as exc:
+                self.close()
+                if isinstance(exc, OSError) and not isinstance(exc, gzip.BadGzipFile):
+                    raise  # e.g. no space for the temporary file: the caller may fall back
+                raise DataError(f"{self.path}: cannot decompress ({type(exc).__name__}: {exc})") from exc
             self.raw, self.offset = self._tmp, 0
         else:
             self.raw, self.offset = self.path, offset
@@ -170,7 +177,8 @@ class NiftiSlabs:
         return Volume(self.read_slab(0, self.shape[-1]), self.affine.copy(), dict(self.meta))
 
     def close(self) -> None:
-        if self._tmp is not None:
+        """Remove the decompressed temporary file (if any)."""
+        if getattr(self, "_tmp", None) is not None:
             self._tmp.unlink(missing_ok=True)
             self._tmp = None
 

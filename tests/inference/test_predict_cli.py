@@ -322,7 +322,7 @@ def test_channel_files_are_grouped_into_one_case(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="found \\['c_0000.nii.gz'\\]"):
         group_inputs([tmp_path / "c_0000.nii.gz"], 2)
     with pytest.raises(DataError, match="same output name"):
-        group_inputs(files, 1)
+        group_inputs([tmp_path / "a_0000.nii.gz", tmp_path / "x" / "a.nii.gz"], 1)
     save_volume(_scan(AFFINES["RAS"]), tmp_path / "a_0000.nii.gz")
     save_volume(_scan(AFFINES["RAS"]).with_array(_scan(AFFINES["RAS"]).array + 5), tmp_path / "a_0001.nii.gz")
     two = load_channels(groups["a"])
@@ -330,3 +330,46 @@ def test_channel_files_are_grouped_into_one_case(tmp_path: Path) -> None:
     save_volume(_scan(AFFINES["LPS"]), tmp_path / "a_0001.nii.gz")
     with pytest.raises(DataError, match="a_0001.nii.gz: channel grid"):
         load_channels(groups["a"])
+
+
+def test_case_names_keep_four_digit_ids(tmp_path: Path) -> None:
+    """`amos_0500.nii.gz` is case amos_0500 for a one-channel model (only _0000 is a channel suffix)."""
+    from medseg.inference.predict import group_inputs
+
+    files = [tmp_path / "amos_0500.nii.gz", tmp_path / "amos_0501.nii.gz", tmp_path / "kits_0007_0000.nii.gz"]
+    assert [name for name, _ in group_inputs(files, 1)] == ["amos_0500", "amos_0501", "kits_0007"]
+
+
+def test_rerun_with_more_outputs_is_not_skipped(bundle: Path, tmp_path: Path) -> None:
+    save_volume(_scan(AFFINES["RAS"]), tmp_path / "in" / "c.nii.gz")
+    out = tmp_path / "out"
+    assert _predict(bundle, [tmp_path / "in" / "c.nii.gz"], out) == 0
+    assert _predict(bundle, [tmp_path / "in" / "c.nii.gz"], out, "--save-probabilities") == 0
+    manifest = json.loads((out / "predict.json").read_text())
+    assert not manifest["cases"][0].get("skipped") and (out / "c_probabilities.npy").is_file()
+    assert _predict(bundle, [tmp_path / "in" / "c.nii.gz"], out, "--save-probabilities") == 0
+    assert json.loads((out / "predict.json").read_text())["cases"][0]["skipped"] is True
+
+
+def test_failed_write_leaves_no_probability_file(bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    import medseg.inference.predict as pred_mod
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pred_mod, "write_prediction", disk_full)
+    save_volume(_scan(AFFINES["RAS"]), tmp_path / "in" / "c.nii.gz")
+    out = tmp_path / "out"
+    assert _predict(bundle, [tmp_path / "in" / "c.nii.gz"], out, "--save-probabilities") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["predict.json"]
+
+
+def test_bad_options_and_wrong_inputs_are_clear_errors(bundle: Path, tmp_path: Path, capsys) -> None:
+    save_volume(_scan(AFFINES["RAS"]), tmp_path / "in" / "c.nii.gz")
+    assert _predict(bundle, [tmp_path / "in" / "c.nii.gz"], tmp_path / "o1", "--overlap", "-0.5") == 2
+    assert "overlap must be in [0, 1)" in capsys.readouterr().err
+    two = _scan(AFFINES["RAS"])
+    save_volume(two.with_array(np.concatenate([two.array, two.array])), tmp_path / "in2" / "d.nii.gz")
+    assert _predict(bundle, [tmp_path / "in2" / "d.nii.gz"], tmp_path / "o2") == 1
+    err = json.loads((tmp_path / "o2" / "predict.json").read_text())["failures"][0]["error"]
+    assert "2 channel(s), the model expects 1" in err
