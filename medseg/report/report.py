@@ -95,7 +95,7 @@ def write_report(
         paths["pdf"] = out_dir / "report.pdf"
         with atomic_write(paths["pdf"]) as tmp:
             write_pdf(tmp, doc, table, figs, overview)
-    logger.info("report of %d structures -> %s", len(table.rows), out_dir)
+    logger.debug("report of %d structures -> %s", len(table.rows), out_dir)
     return paths
 
 
