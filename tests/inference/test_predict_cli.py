@@ -9,21 +9,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from medseg.cli.main import main
-from medseg.config import ModelConfig
 from medseg.data.plan import ChannelNorm, Plan
 from medseg.io import load_volume, save_volume
 from medseg.io.dicom_write import write_dicom_series
-from medseg.models.unet import create_model
 from medseg.types import Volume
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bundle(tmp_path_factory: pytest.TempPathFactory, save_run) -> Path:
     """A run directory with an untrained network (geometry does not depend on the weights)."""
-    run = tmp_path_factory.mktemp("run")
     plan = Plan(
         spatial_dims=3,
         modality="ct",
@@ -36,16 +32,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         normalization=(ChannelNorm("ct", -1000, 1000, 0, 500),),
         body_threshold=-500.0,
     )
-    plan.save(run / "plan.json")
-    cfg = ModelConfig(name="monai_unet", channels=[4, 8, 16])
-    torch.manual_seed(0)
-    net = create_model(cfg, spatial_dims=3, in_channels=1, out_channels=3, patch_size=plan.patch_size)
-    (run / "checkpoints").mkdir()
-    torch.save(
-        {"model": net.state_dict(), "model_config": cfg.model_dump(mode="json"), "epoch": 1},
-        run / "checkpoints" / "best.pt",
-    )
-    return run
+    return save_run(tmp_path_factory.mktemp("run"), plan)
 
 
 def _scan(affine: np.ndarray, shape=(30, 26, 9)) -> Volume:
@@ -172,8 +159,7 @@ def test_duplicate_case_names_are_refused(
 
 
 @pytest.fixture(scope="module")
-def bundle_2d(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("run2d")
+def bundle_2d(tmp_path_factory: pytest.TempPathFactory, save_run) -> Path:
     plan = Plan(
         spatial_dims=2,
         modality="xray",
@@ -186,15 +172,7 @@ def bundle_2d(tmp_path_factory: pytest.TempPathFactory) -> Path:
         normalization=(ChannelNorm("zscore"),),
         crop_to_body=False,
     )
-    plan.save(run / "plan.json")
-    cfg = ModelConfig(name="monai_unet", channels=[4, 8, 16])
-    net = create_model(cfg, spatial_dims=2, in_channels=1, out_channels=2, patch_size=plan.patch_size)
-    (run / "checkpoints").mkdir()
-    torch.save(
-        {"model": net.state_dict(), "model_config": cfg.model_dump(mode="json")},
-        run / "checkpoints" / "best.pt",
-    )
-    return run
+    return save_run(tmp_path_factory.mktemp("run2d"), plan)
 
 
 def test_2d_model_on_png_and_single_slice_nifti(bundle_2d: Path, tmp_path: Path) -> None:

@@ -8,23 +8,19 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from medseg.cli.main import main
-from medseg.config import ModelConfig
 from medseg.data.plan import ChannelNorm, Plan
 from medseg.io import load_volume
-from medseg.models.unet import create_model
 from medseg.types import same_physical_grid
 
 pytestmark = pytest.mark.realdata
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, save_run) -> Path:
     """A CT run directory with a tiny random network at 4 mm (weights do not change geometry)."""
-    run = tmp_path_factory.mktemp("run")
-    Plan(
+    plan = Plan(
         spatial_dims=3,
         modality="ct",
         mode="softmax",
@@ -36,16 +32,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         normalization=(ChannelNorm("ct", -1000, 1000, 0, 400),),
         crop_to_body=True,
         body_threshold=-500.0,
-    ).save(run / "plan.json")
-    cfg = ModelConfig(name="monai_unet", channels=[4, 8, 16])
-    torch.manual_seed(0)
-    net = create_model(cfg, spatial_dims=3, in_channels=1, out_channels=3, patch_size=(32, 32, 16))
-    (run / "checkpoints").mkdir()
-    torch.save(
-        {"model": net.state_dict(), "model_config": cfg.model_dump(mode="json")},
-        run / "checkpoints" / "best.pt",
     )
-    return run
+    return save_run(tmp_path_factory.mktemp("run"), plan)
 
 
 def test_nifti_ct_output_has_the_reference_affine_and_shape(real_data: Path, tiny_run: Path, tmp_path: Path):
