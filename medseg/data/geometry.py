@@ -39,8 +39,16 @@ def reorient(array: np.ndarray, affine: np.ndarray, ornt: np.ndarray) -> tuple[n
     if len(spatial) == 2 or np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
         return array, affine
     out = np.stack([nib.orientations.apply_orientation(c, ornt) for c in array])
-    new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, spatial)
-    return np.ascontiguousarray(out), new_affine
+    return np.ascontiguousarray(out), oriented_affine(affine, ornt, spatial)
+
+
+def oriented_affine(affine: np.ndarray, ornt: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Affine of a grid of ``shape`` after :func:`reorient` with ``ornt`` (2D grids: unchanged)."""
+    import nibabel as nib
+
+    if len(shape) == 2:
+        return affine
+    return affine @ nib.orientations.inv_ornt_aff(ornt, shape)
 
 
 def invert_ornt(ornt: np.ndarray) -> np.ndarray:

@@ -34,12 +34,12 @@ from typing import Any, Literal
 import numpy as np
 
 from medseg.data.plan import ChannelNorm, Plan
+from medseg.data.preprocess import BODY_MARGIN_VOXELS
 from medseg.errors import ConfigError, DataError
 from medseg.types import Volume
 
 logger = logging.getLogger(__name__)
 
-BODY_MARGIN_VOXELS = 3  # as in training preprocessing (medseg.data.preprocess)
 _CHUNK_BYTES = 128 * 2**20  # working-set target of one finalisation / restoration chunk
 
 ProbabilitySink = Callable[[tuple[slice, ...], np.ndarray], None]
@@ -107,12 +107,12 @@ class CanonicalSlabs:
     storage slice axis is not the canonical one is loaded whole (``image.load()``).
     """
 
-    def __init__(self, image: Any, ornt: np.ndarray) -> None:
+    def __init__(self, image: Any, ornt: np.ndarray, canonical_shape: Sequence[int]) -> None:
         self.ornt = np.asarray(ornt)
         dims = image.spatial_dims
         shape = image.spatial_shape
         self.channels = image.num_channels
-        self.shape = tuple(shape) if dims == 2 else tuple(_reoriented_shape(shape, self.ornt))
+        self.shape = tuple(int(n) for n in canonical_shape)
         reader = getattr(image, "read_slab", None)
         direct = reader is not None and (dims == 2 or int(self.ornt[-1, 0]) == dims - 1)
         self.reader = reader if direct else None
@@ -145,19 +145,17 @@ class CanonicalSlabs:
             yield z0, self.slab(z0, min(z.stop, z0 + step), inplane)
 
 
-def _reoriented_shape(shape: Sequence[int], ornt: np.ndarray) -> list[int]:
-    out = [0] * len(shape)
-    for i, (j, _) in enumerate(np.asarray(ornt)):
-        out[int(j)] = int(shape[i])
-    return out
+def canonical_grid(image: Any) -> tuple[np.ndarray, tuple[int, ...], tuple[float, ...]]:
+    """``(ornt, shape, spacing_mm)`` of ``image``'s grid in the canonical (closest to RAS) order."""
+    from medseg.data.geometry import canonical_ornt, oriented_affine
 
-
-def _canonical_affine(affine: np.ndarray, ornt: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    import nibabel as nib
-
-    if len(shape) == 2:
-        return affine
-    return affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    ornt = np.asarray(canonical_ornt(image.affine, image.spatial_dims))
+    shape = [0] * image.spatial_dims
+    for i, (j, _) in enumerate(ornt):
+        shape[int(j)] = int(image.spatial_shape[i])
+    aff = oriented_affine(image.affine, ornt, image.spatial_shape)
+    spacing = tuple(float(np.linalg.norm(aff[:3, i])) for i in range(image.spatial_dims))
+    return ornt, tuple(shape), spacing
 
 
 def linear_taps(n_out: int, n_in: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -255,17 +253,15 @@ def _padding(shape: Sequence[int], patch: Sequence[int]) -> tuple[tuple[int, int
     return tuple(out)
 
 
-def body_box(
-    canonical: np.ndarray | CanonicalSlabs, threshold: float, margin: int = BODY_MARGIN_VOXELS
-) -> tuple[slice, ...]:
+def body_box(src: CanonicalSlabs, threshold: float, margin: int = BODY_MARGIN_VOXELS) -> tuple[slice, ...]:
     """Bounding box of ``channel 0 > threshold`` grown by ``margin``, computed slab-wise (no full mask).
 
-    Same result as ``bbox_of(canonical[0] > threshold, margin=margin)``; an image without body voxels
-    gives the whole grid.
+    Same result as training's ``bbox_of(canonical[0] > threshold, margin=margin)``; an image without
+    body voxels gives the whole grid.
     """
-    shape = canonical.shape if isinstance(canonical, CanonicalSlabs) else canonical.shape[1:]
+    shape = src.shape
     hits = [np.zeros(n, bool) for n in shape]
-    for z0, slab in _iter_slabs(canonical):
+    for z0, slab in src.slabs():
         m = slab[0] > threshold
         for ax in range(len(shape)):
             other = tuple(a for a in range(len(shape)) if a != ax)
@@ -283,28 +279,15 @@ def body_box(
     return tuple(box)
 
 
-def _iter_slabs(x: np.ndarray | CanonicalSlabs) -> Iterator[tuple[int, np.ndarray]]:
-    """``(z0, slab)`` chunks of an in-memory canonical array or of :class:`CanonicalSlabs`."""
-    if isinstance(x, CanonicalSlabs):
-        yield from x.slabs()
-        return
-    step = max(1, int(_CHUNK_BYTES // max(1, 4 * math.prod(x.shape[:-1]))))
-    for z0 in range(0, x.shape[-1], step):
-        yield z0, x[..., z0 : z0 + step]
-
-
 def plan_layout(image: Any, plan: Plan) -> tuple[Layout, CanonicalSlabs]:
     """The :class:`Layout` of ``image`` under ``plan`` and canonical slab access to its voxels."""
-    from medseg.data.geometry import canonical_ornt, resampled_shape
+    from medseg.data.geometry import resampled_shape
 
-    ornt = canonical_ornt(image.affine, image.spatial_dims)
-    src = CanonicalSlabs(image, ornt)
-    canonical_shape = src.shape
+    ornt, canonical_shape, spacing = canonical_grid(image)
+    src = CanonicalSlabs(image, ornt, canonical_shape)
     box = tuple(slice(0, s) for s in canonical_shape)
     if plan.crop_to_body and plan.body_threshold is not None:
         box = body_box(src, plan.body_threshold)
-    aff = _canonical_affine(image.affine, ornt, image.spatial_shape)
-    spacing = tuple(float(np.linalg.norm(aff[:3, i])) for i in range(image.spatial_dims))
     crop_shape = tuple(s.stop - s.start for s in box)
     res = resampled_shape(crop_shape, spacing, plan.target_spacing_mm)
     layout = Layout(image.spatial_shape, ornt, canonical_shape, box, res, _padding(res, plan.patch_size))
@@ -784,20 +767,15 @@ class _Finaliser:
 def estimate_memory(image: Volume, plan: Plan, opts: EngineOptions, *, params: int = 0) -> dict[str, int]:
     """Bytes :func:`segment` will hold for ``image`` beyond the loaded scan, by component.
 
-    ``accumulator``: the ring of blended logits and weights; ``output``: the label map (+ its
-    reoriented copy at write time); ``input_slabs``: lazy preprocessing and window batches;
+    ``accumulator``: the ring of blended logits and weights; ``output``: the label map (Fortran
+    order, written without a copy); ``input_slabs``: lazy preprocessing and window batches;
     ``restore``: finalisation chunks; ``network``: parameters and activations (a rough bound of
     ``batch × patch voxels × 64 channels × 4 bytes × 4``). Sizes of the canonical crop are taken as the
     whole grid (the body box is not known before reading the data).
     """
-    from medseg.data.geometry import canonical_ornt, resampled_shape
+    from medseg.data.geometry import resampled_shape
 
-    ornt = canonical_ornt(image.affine, image.spatial_dims)
-    aff = _canonical_affine(image.affine, ornt, image.spatial_shape)
-    spacing = tuple(float(np.linalg.norm(aff[:3, i])) for i in range(image.spatial_dims))
-    canon_shape = [0] * image.spatial_dims
-    for i, (j, _) in enumerate(np.asarray(ornt, int) if image.spatial_dims == 3 else [(0, 1), (1, 1)]):
-        canon_shape[j] = image.spatial_shape[i]
+    _, canon_shape, spacing = canonical_grid(image)
     res = resampled_shape(canon_shape, spacing, plan.target_spacing_mm)
     patch = [int(p) for p in plan.patch_size]
     padded = [max(r, p) for r, p in zip(res, patch, strict=True)]
@@ -810,7 +788,7 @@ def estimate_memory(image: Volume, plan: Plan, opts: EngineOptions, *, params: i
     out_item = 2 if max(plan.label_values, default=0) > 255 else 1
     est = {
         "accumulator": cap * inplane * (k * acc_item + 4),
-        "output": 2 * n_out * math.prod(image.spatial_shape) * out_item,
+        "output": n_out * math.prod(image.spatial_shape) * out_item,
         "input_slabs": 4 * plan.in_channels * inplane * (patch[-1] + step) * 2
         + 4 * opts.batch_size * plan.in_channels * math.prod(patch) * 2,
         "restore": 4 * _CHUNK_BYTES,

@@ -11,6 +11,7 @@ from medseg.data.geometry import bbox_of
 from medseg.data.plan import ChannelNorm, Plan
 from medseg.data.preprocess import preprocess_volume
 from medseg.inference.engine import (
+    CanonicalSlabs,
     EngineOptions,
     EngineStats,
     _Runner,
@@ -186,8 +187,13 @@ def test_body_box_matches_a_full_mask_bbox():
     rng = np.random.default_rng(3)
     img = np.full((1, 30, 20, 50), -1000, np.int16)
     img[0, 5:17, 2:9, 11:40] = rng.integers(-400, 300, (12, 7, 29))
-    assert body_box(img, -500.0) == bbox_of(img[0] > -500.0, margin=3)
-    assert body_box(np.full((1, 4, 4, 4), -1000), -500.0) == (slice(0, 4),) * 3
+    ident = np.array([[0, 1], [1, 1], [2, 1]], float)
+
+    def box(a):
+        return body_box(CanonicalSlabs(Volume(a, np.eye(4)), ident, a.shape[1:]), -500.0)
+
+    assert box(img) == bbox_of(img[0] > -500.0, margin=3)
+    assert box(np.full((1, 4, 4, 4), -1000)) == (slice(0, 4),) * 3
 
 
 def test_linear_taps_match_torch_interpolate():
@@ -212,7 +218,7 @@ def test_memory_estimate_scales_with_classes_not_slices():
     short = estimate_memory(Volume(np.zeros((1, 2, 2, 2), np.int16), np.eye(4)), plan20, opts)
     big = {z: estimate_memory(_Shape((512, 512, z)), plan20, opts) for z in (250, 1000)}
     assert big[250]["accumulator"] == big[1000]["accumulator"] > short["accumulator"] > 0
-    assert big[1000]["output"] == 4 * big[250]["output"]
+    assert big[1000]["output"] == 4 * big[250]["output"] == 4 * 512 * 512 * 250
     half = estimate_memory(_Shape((512, 512, 250)), plan20, EngineOptions(accumulator_dtype="float16"))
     assert half["accumulator"] < 0.6 * big[250]["accumulator"]
 
