@@ -42,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run windows that lie entirely in air too (CT models skip them by default)",
     )
     g.add_argument(
+        "--coarse-roi",
+        action="store_true",
+        help="first a pass of non-overlapping windows, then overlapping windows only near the structures "
+        "it found (faster when they fill a small part of the scan, e.g. one organ in a whole-body CT)",
+    )
+    g.add_argument(
         "--low-memory",
         action="store_true",
         help="float16 logit accumulator: half the memory, rare argmax ties",
@@ -129,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         bundle_defaults,
         **overrides,
         skip_air=args.skip_air,
+        coarse_roi=args.coarse_roi,
         accumulator_dtype="float16" if args.low_memory else "float32",
         progress=args.window_progress,
     )

@@ -12,6 +12,8 @@ What it does, in data-flow order (3D; a 2D image is the same with one in-plane a
    order of their start along the last axis. The network runs on ``device``; the blended logits are
    accumulated on the CPU in a ring buffer only ``patch + step`` slices thick. Windows whose input is
    entirely air (below the plan's body threshold) can be skipped: their voxels are background.
+   With ``coarse_roi``, a first pass of non-overlapping windows marks (in 8-voxel blocks) where any
+   structure is predicted, and the overlapping windows run only within a quarter patch of a mark.
 4. As soon as no remaining window touches a slice, it is finalised: softmax/sigmoid, resampled back
    to the input's slice spacing a few slices at a time, and decided there (argmax or threshold — the
    probabilities are resampled, never the labels), straight into the uint8/uint16 output, which is a
@@ -59,6 +61,10 @@ class EngineOptions:
         skip_air: Do not run windows whose first channel lies entirely at or below the normalised body
             threshold (CT; when the plan clips above the threshold, "at the clip floor": voxels the
             network cannot tell from air). Their voxels are background.
+        coarse_roi: First run non-overlapping windows over the scan (about ``(1 - overlap)^dims`` of
+            the windows), then run the overlapping windows only where that pass found a structure
+            within a quarter patch; the others are background. Saves time when the structures fill a
+            small part of the scan (one organ in a whole-body CT); costs it when they fill most of it.
         accumulator_dtype: ``float32``, or ``float16`` to halve the accumulator (argmax ties may change).
         threshold: Probability threshold of sigmoid (overlapping-structure) models.
         progress: Show a progress bar over windows.
@@ -68,6 +74,7 @@ class EngineOptions:
     batch_size: int = 2
     tta: bool = False
     skip_air: bool = True
+    coarse_roi: bool = False
     accumulator_dtype: Literal["float32", "float16"] = "float32"
     threshold: float = 0.5
     progress: bool = False
@@ -623,12 +630,82 @@ def _probabilities(acc: np.ndarray, w: np.ndarray, mode: str) -> np.ndarray:
     return probs
 
 
+class RoiMap:
+    """Where a coarse pass found structures: one bit per block of ``block`` voxels of the padded grid.
+
+    Blocks keep the map a few hundred kB for any scan (a voxel mask would grow with the scan and
+    break the memory bound); a window is run when any marked block lies within ``margin`` voxels.
+    """
+
+    def __init__(self, padded_shape: Sequence[int], block: int = 8) -> None:
+        self.block = block
+        self.fg = np.zeros([-(-int(n) // block) for n in padded_shape], bool)
+
+    def mark(self, window: tuple[slice, ...], fg: np.ndarray) -> None:
+        """OR the window's voxel mask ``fg`` (window shape, canonical axis order) into the blocks."""
+        b = self.block
+        lo = [w.start // b for w in window]
+        nb = [-(-(w.stop - lo_ * b) // b) for w, lo_ in zip(window, lo, strict=True)]
+        canvas = np.zeros([n * b for n in nb], bool)
+        offsets = [w.start - lo_ * b for w, lo_ in zip(window, lo, strict=True)]
+        canvas[tuple(slice(o, o + n) for o, n in zip(offsets, fg.shape, strict=True))] = fg
+        blocks = canvas.reshape([d for n in nb for d in (n, b)]).any(axis=tuple(range(1, 2 * len(nb), 2)))
+        self.fg[tuple(slice(a, a + n) for a, n in zip(lo, nb, strict=True))] |= blocks
+
+    def near(self, window: tuple[slice, ...], margin: Sequence[int]) -> bool:
+        """Whether a marked block lies within ``margin`` voxels of ``window``."""
+        b = self.block
+        box = tuple(
+            slice(max(0, (w.start - m) // b), -(-(w.stop + m) // b))
+            for w, m in zip(window, margin, strict=True)
+        )
+        return bool(self.fg[box].any())
+
+
+def coarse_pass(
+    lazy: LazyInput,
+    padded: Sequence[int],
+    patch: Sequence[int],
+    runner: _Runner,
+    plan: Plan,
+    opts: EngineOptions,
+    air: float | None,
+) -> tuple[RoiMap, int]:
+    """Run non-overlapping windows (no blending) and mark where any structure is predicted.
+
+    Returns the map and the number of windows run. Softmax models mark voxels whose argmax is not
+    background; sigmoid models voxels where any structure passes ``opts.threshold``.
+    """
+    roi = RoiMap(padded)
+    cut = math.log(opts.threshold / (1.0 - opts.threshold))
+    batch: list[tuple[tuple[slice, ...], np.ndarray]] = []
+    run = 0
+
+    def flush() -> None:
+        nonlocal run
+        if batch:
+            for (w, _), logits in zip(batch, runner(np.stack([x for _, x in batch])), strict=True):
+                roi.mark(w, logits.argmax(0) > 0 if plan.mode == "softmax" else (logits > cut).any(0))
+            run += len(batch)
+            batch.clear()
+
+    for w in window_slices(padded, patch, 0.0):
+        x = _window_input(lazy, w)
+        if air is None or float(x[0].max()) > air:
+            batch.append((w, x))
+        if len(batch) == opts.batch_size:
+            flush()
+    flush()
+    return roi, run
+
+
 @dataclass
 class EngineStats:
     """What one :func:`segment` call did."""
 
     windows: int = 0
     windows_run: int = 0
+    coarse_windows_run: int = 0
     accumulator_bytes: int = 0
     layout: Layout | None = None
 
@@ -674,7 +751,6 @@ def segment(
     if opts.skip_air and plan.body_threshold is not None:
         # channel 0 decides, as for the body box (other channels may be normalised differently)
         air = float(norms[0].apply(np.array([plan.body_threshold], np.float32))[0])
-    lazy = LazyInput(src, layout, norms, cval)
     out = new_output(layout, plan)
     restorer = Restorer(layout, oriented_view(out, layout.ornt), plan, threshold=opts.threshold, sink=sink)
 
@@ -693,6 +769,13 @@ def segment(
     imp_z = _zfirst(imp[None])[:, 0]  # (pz, *patch_inplane)
     runner = _Runner(model, device, plan, opts.tta)
     final = _Finaliser(layout, restorer, plan.mode)
+    roi, margin = None, [p // 4 for p in patch]
+    if opts.coarse_roi:
+        coarse_runner = _Runner(model, device, plan, tta=False)
+        roi, stats.coarse_windows_run = coarse_pass(
+            LazyInput(src, layout, norms, cval), padded, patch, coarse_runner, plan, opts, air
+        )
+    lazy = LazyInput(src, layout, norms, cval)
 
     batch: list[tuple[tuple[slice, ...], np.ndarray]] = []
     bar = tqdm(total=len(windows), desc="windows", disable=not opts.progress, leave=False)
@@ -711,11 +794,14 @@ def segment(
         if start + patch[-1] > final.done_to + cap:
             flush()
             final.advance(accum, start)
-        x = _window_input(lazy, w)  # read now: the lazy input drops rows behind the latest window
-        if air is not None and float(x[0].max()) <= air:
-            bar.update(1)
+        if roi is not None and not roi.near(w, margin):
+            bar.update(1)  # nothing near it in the coarse pass: background
         else:
-            batch.append((w, x))
+            x = _window_input(lazy, w)  # read now: the lazy input drops rows behind the latest window
+            if air is not None and float(x[0].max()) <= air:
+                bar.update(1)
+            else:
+                batch.append((w, x))
         if len(batch) == opts.batch_size:
             flush()
             final.advance(accum, windows[i + 1][-1].start if i + 1 < len(windows) else padded[-1])

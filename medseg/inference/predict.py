@@ -451,6 +451,7 @@ def _predict_loaded(
         "outputs": [str(f) for f in files],
         "windows": stats.windows,
         "windows_run": stats.windows_run,
+        "coarse_windows_run": stats.coarse_windows_run,
         "memory_estimate_gb": round(est["total"] / 2**30, 3),
         "seconds": {
             "read": round(t_read - t0, 3),
@@ -537,6 +538,7 @@ def predict_files(
             "batch_size": opts.batch_size,
             "tta": opts.tta,
             "skip_air": opts.skip_air,
+            "coarse_roi": opts.coarse_roi,
             "accumulator_dtype": opts.accumulator_dtype,
             "threshold": opts.threshold,
             "format": batch.output_format,

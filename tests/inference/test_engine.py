@@ -14,6 +14,7 @@ from medseg.inference.engine import (
     CanonicalSlabs,
     EngineOptions,
     EngineStats,
+    RoiMap,
     _Runner,
     body_box,
     estimate_memory,
@@ -181,6 +182,59 @@ def test_air_windows_are_skipped_without_changing_the_result():
     np.testing.assert_array_equal(a, b)
     assert skip.windows_run < full.windows_run / 3
     assert (b == 1).sum() == 8 * 9 * 6
+
+
+class _Pointwise(torch.nn.Module):
+    """Calls voxels above 100 HU (normalised 1.0) structure 1 / the first structure, anything else
+    background, voxel by voxel: blending cannot change its labels, so any difference is a skipped window."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x):
+        fg = (x - 1.0) * 4
+        if self.mode == "softmax":
+            return torch.cat([-fg, fg, -fg - 1, -fg - 2], 1)
+        return torch.cat([fg, fg - 20, fg - 20], 1)
+
+
+@pytest.mark.parametrize("mode", ["softmax", "sigmoid"])
+def test_coarse_roi_runs_fewer_windows_and_keeps_the_labels(mode):
+    plan = _plan(mode, patch=(8, 8, 4))
+    img = np.zeros((1, 48, 40, 24), np.int16)  # soft tissue everywhere: no air to skip
+    img[0, 10:17, 20:23, 9:14] = 200  # a structure across several coarse windows (not block-aligned)
+    img[0, 45:48, 0:2, 23] = 200  # and one in a corner
+    vol = Volume(img, np.eye(4))
+    full, roi = EngineStats(), EngineStats()
+    a = segment(vol, plan, _Pointwise(mode), "cpu", EngineOptions(), stats=full)
+    b = segment(vol, plan, _Pointwise(mode), "cpu", EngineOptions(coarse_roi=True), stats=roi)
+    np.testing.assert_array_equal(a, b)
+    assert int((b[0] == 1).sum()) == 7 * 3 * 5 + 3 * 2
+    assert roi.coarse_windows_run == 6 * 5 * 6  # the non-overlapping tiling of 48x40x24 by 8x8x4
+    assert full.windows_run == full.windows == 11 * 9 * 11
+    assert roi.windows_run + roi.coarse_windows_run < full.windows_run / 2
+
+
+def test_coarse_roi_on_a_scan_without_structures_runs_only_the_coarse_pass():
+    plan = _plan("softmax", patch=(8, 8, 4))
+    vol = Volume(np.zeros((1, 24, 16, 12), np.int16), np.eye(4))
+    stats = EngineStats()
+    out = segment(vol, plan, _Pointwise("softmax"), "cpu", EngineOptions(coarse_roi=True), stats=stats)
+    assert stats.windows_run == 0 and stats.coarse_windows_run == 3 * 2 * 3
+    assert out.shape == (1, 24, 16, 12) and not out.any()
+
+
+def test_roi_map_marks_blocks_of_unaligned_windows():
+    roi = RoiMap((40, 30), block=8)
+    fg = np.zeros((8, 8), bool)
+    fg[7, 0] = True  # voxel (12, 20): block (1, 2)
+    roi.mark((slice(5, 13), slice(20, 28)), fg)
+    assert roi.fg.shape == (5, 4) and roi.fg.sum() == 1 and roi.fg[1, 2]
+    assert roi.near((slice(16, 24), slice(0, 8)), (0, 0)) is False
+    assert roi.near((slice(8, 16), slice(16, 24)), (0, 0)) is True
+    assert roi.near((slice(24, 32), slice(16, 24)), (0, 0)) is False
+    assert roi.near((slice(24, 32), slice(16, 24)), (9, 0)) is True  # within the margin
 
 
 def test_body_box_matches_a_full_mask_bbox():
