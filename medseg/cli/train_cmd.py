@@ -1,4 +1,9 @@
-"""``medseg train``: train a model from a config; the run directory is the model bundle."""
+"""``medseg train``: train a model from a config; the run directory is the model bundle.
+
+Multi-process (DDP) training: ``torchrun --nproc_per_node=N -m medseg train ...`` (docs/training.md).
+Every process runs this command; rank 0 picks the run directory, logs and prints; the other ranks only
+log warnings and errors, prefixed with their rank.
+"""
 
 from __future__ import annotations
 
@@ -50,11 +55,25 @@ def run(args: argparse.Namespace) -> int:
             raise MedsegError("give --config FILE (e.g. configs/demo_ct.yaml)")
         config = args.config
     cfg = load_config(config, overrides)
+    from medseg.training.distributed import distributed
     from medseg.training.loop import train
     from medseg.training.run_dir import new_run_dir
 
-    run_dir = args.run_dir or new_run_dir(cfg)
-    logger.info("run directory: %s", run_dir)
-    train(cfg, run_dir=run_dir, resume=args.resume, progress=not args.no_progress)
-    print(run_dir)
+    with distributed(cfg.train.device) as ctx:
+        if not ctx.is_main:
+            _quiet_logging(ctx.rank)
+        # a new run's name holds the time: rank 0 chooses it for everyone
+        run_dir = args.run_dir or ctx.broadcast_object(new_run_dir(cfg) if ctx.is_main else None)
+        logger.info("run directory: %s", run_dir)
+        train(cfg, run_dir=run_dir, resume=args.resume, progress=not args.no_progress)
+        if ctx.is_main:
+            print(run_dir)
     return 0
+
+
+def _quiet_logging(rank: int) -> None:
+    """Ranks other than 0: warnings and errors only, prefixed with the rank."""
+    root = logging.getLogger()
+    root.setLevel(max(root.level, logging.WARNING))
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))

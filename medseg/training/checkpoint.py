@@ -1,5 +1,11 @@
 """Atomic checkpoints with everything ``--resume`` needs: model, optimiser, scheduler, AMP scaler,
-RNG states (python, numpy, torch, CUDA) and the epoch counter."""
+RNG states (python, numpy, torch, CUDA) and the epoch counter.
+
+Checkpoints hold the unwrapped model's ``state_dict`` (never DDP's ``module.``-prefixed one), so a
+checkpoint of a multi-process run loads into a plain model. ``rng`` is rank 0's RNG state (what a
+single process restores); a multi-process run also stores ``world_size`` and ``rng_ranks``, the states
+of every rank in rank order.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from medseg.errors import DataError
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's python, numpy, torch (and CUDA) RNG states."""
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -26,6 +33,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore states returned by :func:`rng_state`."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -47,6 +55,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint; :class:`DataError` with the path when it is missing or unreadable."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found (train first, or check --run-dir)")

@@ -4,6 +4,10 @@
 uses as it is (DESIGN §7). Resuming (``resume=True``) restores model, optimiser, scheduler, AMP scaler,
 RNG states and the epoch; patches are drawn from generators seeded by ``(seed, epoch, index)``, so an
 epoch interrupted by SIGKILL is replayed identically after resuming.
+
+Under ``torchrun`` the same function trains one DDP model in several processes; rank 0 writes the run
+directory. Batch, iteration, seed, validation and resume conventions: :mod:`medseg.training.distributed`
+and docs/training.md.
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ from medseg.data.preprocess import CachedCase
 from medseg.data.sampling import sample_patch
 from medseg.errors import ConfigError, DataError
 from medseg.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medseg.training.distributed import (
+    DistContext,
+    ddp_device,
+    distributed,
+    params_in_sync,
+    rank_seed,
+)
 from medseg.training.run_dir import MetricsCSV, plot_curves, write_bundle_files
 
 logger = logging.getLogger(__name__)
@@ -204,34 +215,30 @@ def train(
 ) -> Path:
     """Train a model as configured; returns the run directory.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this; they train one DDP model and
+    only rank 0 writes ``run_dir`` (conventions: :mod:`medseg.training.distributed`).
+
     Args:
         cfg: Validated config.
         run_dir: The run directory (created; with ``resume`` it must hold ``checkpoints/last.pt``).
         resume: Continue from ``checkpoints/last.pt``; ``train.epochs`` may be raised to extend a
             finished run.
-        progress: Show progress bars.
+        progress: Show progress bars (rank 0 only).
     """
-    from tqdm.auto import tqdm
+    with distributed(cfg.train.device) as ctx:
+        return _train(cfg, ctx, Path(run_dir), resume=resume, progress=progress and ctx.is_main)
 
+
+def _train(cfg: Config, ctx: DistContext, run_dir: Path, *, resume: bool, progress: bool) -> Path:
     from medseg.data.datasets import load_dataset
-    from medseg.data.plan import compute_fingerprint, make_plan
-    from medseg.data.preprocess import cache_case, default_cache_dir
     from medseg.losses.compound import create_loss
     from medseg.models.unet import create_model
 
     tc = cfg.train
-    device = resolve_device(tc.device)
-    torch.manual_seed(tc.seed)
-    run_dir = Path(run_dir)
+    device = ddp_device(tc.device, ctx.local_rank) if ctx.enabled else resolve_device(tc.device)
+    torch.manual_seed(rank_seed(tc.seed, ctx.rank))
     ckpt_last = run_dir / "checkpoints" / "last.pt"
-    if resume and not ckpt_last.exists():
-        raise DataError(
-            f"{run_dir}: nothing to resume (no checkpoints/last.pt); drop --resume to start a new run"
-        )
-    if not resume and ckpt_last.exists():
-        raise DataError(
-            f"{run_dir} already holds a trained run; pass --resume to continue it or choose a new --run-dir"
-        )
+    _check_run_dir(run_dir, resume, ctx)
 
     ck = None
     if resume:  # check before anything in the run directory is rewritten
@@ -244,33 +251,19 @@ def train(
         raise DataError(f"{cfg.data.root}: no labelled training cases found (run `medseg data check`)")
     by_id = {c.case_id: c for c in dataset.train_cases}
 
-    plan_path = run_dir / "plan.json"
-    if resume and plan_path.exists():
-        plan = Plan.load(plan_path)
-    else:
-        logger.info("planning from %d training cases", len(train_ids))
-        fp = compute_fingerprint([by_id[i] for i in train_ids], cfg.data, seed=tc.seed, progress=progress)
-        plan = make_plan(cfg, fp, divisor=2 ** (len(cfg.model.channels) - 1))
-    write_bundle_files(run_dir, cfg, str(device))
-    plan.save(plan_path)
-    logger.info(
-        "plan: spacing %s mm, patch %s, %s with %d structures",
-        plan.target_spacing_mm,
-        plan.patch_size,
-        plan.mode,
-        len(plan.structure_names),
+    # the other processes wait for rank 0's plan instead of reading every image again
+    plan: Plan = ctx.broadcast_object(
+        _plan_and_bundle(
+            cfg, run_dir, [by_id[i] for i in train_ids], resume, device, ctx.world_size, progress
+        )
+        if ctx.is_main
+        else None
     )
 
-    cache_dir = Path(tc.cache_dir) if tc.cache_dir else default_cache_dir()
-    cached = {
-        cid: cache_case(by_id[cid], plan, cfg.data, cache_dir)
-        for cid in tqdm(
-            sorted(set(train_ids) | set(val_ids)), desc="preprocess", disable=not progress, leave=False
-        )
-    }
+    cached = _cache_cases(ctx, [by_id[c] for c in sorted(set(train_ids) | set(val_ids))], plan, cfg, progress)
     train_cases = [_load_train_case(cached[i], plan.mode) for i in train_ids]
 
-    model = create_model(
+    net = create_model(
         cfg.model,
         spatial_dims=plan.spatial_dims,
         in_channels=plan.in_channels,
@@ -281,21 +274,21 @@ def train(
     loss_fn = create_loss(cfg.loss, plan.mode, plan.out_channels).to(device)
     if tc.optimizer == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(
-            model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay
+            net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay
         )
     else:
         opt = torch.optim.SGD(
-            model.parameters(), lr=tc.lr, momentum=0.99, nesterov=True, weight_decay=tc.weight_decay
+            net.parameters(), lr=tc.lr, momentum=0.99, nesterov=True, weight_decay=tc.weight_decay
         )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(tc.schedule, e, tc.epochs))
     use_amp = tc.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-    metrics = MetricsCSV(run_dir / "metrics.csv", plan.structure_names)
+    metrics = MetricsCSV(run_dir / "metrics.csv", plan.structure_names) if ctx.is_main else None
     start_epoch, best, since_best = 0, -1.0, 0
     if ck is not None:
-        model.load_state_dict(ck["model"])
+        net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if ck.get("scaler"):  # empty when the run was saved without fp16 scaling (e.g. on a CPU)
             scaler.load_state_dict(ck["scaler"])
@@ -304,15 +297,16 @@ def train(
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda e: lr_factor(tc.schedule, e, tc.epochs), last_epoch=start_epoch - 1
         )
-        set_rng_state(ck["rng"])
-        metrics.truncate_after(start_epoch)
+        _restore_rng(ck, ctx, tc.batch_size)
         logger.info("resumed %s at epoch %d/%d", run_dir, start_epoch, tc.epochs)
         if start_epoch >= tc.epochs:
             logger.info("run already finished %d epochs; raise train.epochs to extend it", start_epoch)
-    else:
-        metrics.truncate_after(0)
+    if metrics is not None:
+        metrics.truncate_after(start_epoch)
 
-    writer = _tensorboard(run_dir)
+    model = _wrap_ddp(net, ctx, device, tc.batch_size, tc.iterations_per_epoch)  # `net` is saved
+
+    writer = _tensorboard(run_dir) if ctx.is_main else None
     augmenter = (
         Augmenter(plan.spatial_dims, plan.patch_size, plan.mode, _swap_pairs(plan)) if tc.augment else None
     )
@@ -321,7 +315,7 @@ def train(
         plan,
         batch_size=tc.batch_size,
         iterations=tc.iterations_per_epoch,
-        seed=tc.seed,
+        seed=rank_seed(tc.seed, ctx.rank),
         foreground_fraction=tc.foreground_fraction,
         augmenter=augmenter,
     )
@@ -349,44 +343,42 @@ def train(
             desc=f"epoch {epoch + 1}/{tc.epochs}",
             progress=progress,
         )
+        train_loss = ctx.mean(train_loss, device)
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": round(train_loss, 6),
             "lr": opt.param_groups[0]["lr"],  # the rate this epoch trained with
         }
         sched.step()
-        val_text = ""
+        val_text, improved = "", False
         if val_ids and ((epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs):
-            per = validate(model, [cached[v] for v in val_ids], plan, device, overlap=cfg.predict.overlap)
+            ctx.broadcast_buffers(net)
+            per = validate(
+                net, [cached[v] for v in val_ids], plan, device, overlap=cfg.predict.overlap, ctx=ctx
+            )
             mean, val_text = _record_validation(per, plan, row, writer, epoch + 1)
             if np.isnan(mean):
                 pass  # nothing to compare (no structure in the validation cases or predictions)
             elif mean > best:
-                best, since_best = mean, 0
-                _save(
-                    run_dir / "checkpoints" / "best.pt",
-                    model,
-                    opt,
-                    sched,
-                    scaler,
-                    epoch + 1,
-                    best,
-                    0,
-                    cfg,
-                    plan,
-                )
+                best, since_best, improved = mean, 0, True
             else:
                 since_best += 1
+        rng = ctx.all_gather_object(rng_state())  # every process's RNG states go into the checkpoints
         row["seconds"] = round(time.time() - t0, 2)
-        if writer is not None:
-            writer.add_scalar("train/loss", train_loss, epoch + 1)
-            writer.add_scalar("train/lr", row["lr"], epoch + 1)
-            writer.flush()
-        metrics.append(row)
-        _save(ckpt_last, model, opt, sched, scaler, epoch + 1, best, since_best, cfg, plan)
-        if not val_ids:  # nothing to select on: the latest model is the best one
-            shutil.copyfile(ckpt_last, run_dir / "checkpoints" / "best.pt")
-        plot_curves(metrics, run_dir / "curves.png", plan.structure_names)
+        if ctx.is_main:
+            assert metrics is not None
+            state = _checkpoint(net, opt, sched, scaler, epoch + 1, best, since_best, cfg, plan, rng)
+            if improved:
+                save_checkpoint(run_dir / "checkpoints" / "best.pt", state)
+            if writer is not None:
+                writer.add_scalar("train/loss", train_loss, epoch + 1)
+                writer.add_scalar("train/lr", row["lr"], epoch + 1)
+                writer.flush()
+            metrics.append(row)
+            save_checkpoint(ckpt_last, state)
+            if not val_ids:  # nothing to select on: the latest model is the best one
+                shutil.copyfile(ckpt_last, run_dir / "checkpoints" / "best.pt")
+            plot_curves(metrics, run_dir / "curves.png", plan.structure_names)
         logger.info(
             "epoch %d/%d  loss %.4f  lr %.2e  %.1fs%s",
             epoch + 1,
@@ -396,12 +388,138 @@ def train(
             row["seconds"],
             val_text,
         )
-        if tc.early_stopping is not None and since_best >= tc.early_stopping:
+        # every process computed the same validation numbers; rank 0's decision is final all the same
+        stop = ctx.broadcast_object(tc.early_stopping is not None and since_best >= tc.early_stopping)
+        if stop:
             logger.info("early stopping: no improvement in %d validations", since_best)
             break
     if writer is not None:
         writer.close()
+    _report_sync(net, ctx)
     return run_dir
+
+
+def _wrap_ddp(
+    net: nn.Module, ctx: DistContext, device: torch.device, batch_size: int, iterations: int
+) -> nn.Module:
+    """``net`` in DistributedDataParallel when distributed, else ``net`` itself."""
+    if not ctx.enabled:
+        return net
+    logger.info(
+        "DDP: %d processes (%s), batch %d per process = %d in all, %d iterations per epoch",
+        ctx.world_size,
+        ctx.backend,
+        batch_size,
+        batch_size * ctx.world_size,
+        iterations,
+    )
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+
+
+def _check_run_dir(run_dir: Path, resume: bool, ctx: DistContext) -> None:
+    if resume and not (run_dir / "checkpoints" / "last.pt").exists():
+        raise DataError(
+            f"{run_dir}: nothing to resume (no checkpoints/last.pt); drop --resume to start a new run"
+            + (" (every process must see the run directory)" if ctx.enabled else "")
+        )
+    if not resume and (run_dir / "checkpoints" / "last.pt").exists():
+        raise DataError(
+            f"{run_dir} already holds a trained run; pass --resume to continue it or choose a new --run-dir"
+        )
+
+
+def _plan_and_bundle(
+    cfg: Config,
+    run_dir: Path,
+    cases: Sequence[Any],
+    resume: bool,
+    device: torch.device,
+    world_size: int,
+    progress: bool,
+) -> Plan:
+    """Rank 0: plan (or reload the run's plan when resuming), write config.yaml, env.json, plan.json."""
+    from medseg.data.plan import compute_fingerprint, make_plan
+
+    plan_path = run_dir / "plan.json"
+    if resume and plan_path.exists():
+        plan = Plan.load(plan_path)
+    else:
+        logger.info("planning from %d training cases", len(cases))
+        fp = compute_fingerprint(cases, cfg.data, seed=cfg.train.seed, progress=progress)
+        plan = make_plan(cfg, fp, divisor=2 ** (len(cfg.model.channels) - 1))
+    write_bundle_files(run_dir, cfg, str(device), world_size=world_size)
+    plan.save(plan_path)
+    logger.info(
+        "plan: spacing %s mm, patch %s, %s with %d structures",
+        plan.target_spacing_mm,
+        plan.patch_size,
+        plan.mode,
+        len(plan.structure_names),
+    )
+    return plan
+
+
+def _report_sync(net: nn.Module, ctx: DistContext) -> None:
+    """Log whether the DDP processes ended with bit-identical weights (they must)."""
+    if not ctx.enabled:
+        return
+    same, digests = params_in_sync(net, ctx)
+    if same:
+        logger.info("DDP: model weights identical on all %d processes (%s)", ctx.world_size, digests[0][:12])
+    else:
+        logger.error("DDP: model weights differ between processes: %s", [d[:12] for d in digests])
+
+
+def _cache_cases(
+    ctx: DistContext, cases: Sequence[Any], plan: Plan, cfg: Config, progress: bool
+) -> dict[str, CachedCase]:
+    """Preprocess ``cases`` into the cache (or find them there); no case is built by two processes at
+    once. Distributed: each process builds its share (case k on rank k mod world size); then the first
+    process of every node fills in what that node's cache lacks (nothing when the cache is on a shared
+    filesystem); then every process opens the finished entries."""
+    from tqdm.auto import tqdm
+
+    from medseg.data.preprocess import cache_case, default_cache_dir
+
+    cache_dir = Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
+    mine = cases[ctx.rank :: ctx.world_size]
+    built = {
+        c.case_id: cache_case(c, plan, cfg.data, cache_dir)
+        for c in tqdm(mine, desc="preprocess", disable=not progress, leave=False)
+    }
+    if not ctx.enabled:
+        return built
+    ctx.barrier()
+    if ctx.local_rank == 0:
+        for c in cases:
+            cache_case(c, plan, cfg.data, cache_dir)
+    ctx.barrier()
+    return {c.case_id: cache_case(c, plan, cfg.data, cache_dir) for c in cases}
+
+
+def _restore_rng(ck: dict[str, Any], ctx: DistContext, batch_size: int) -> None:
+    """Restore this process's RNG states from a checkpoint.
+
+    Patches do not depend on these states (they are drawn from ``(seed, epoch, index)``); they matter for
+    anything that uses the global generators. With the world size the checkpoint was written with,
+    every rank gets its own saved state back; otherwise rank 0 gets rank 0's state and the other ranks
+    keep their fresh :func:`rank_seed` seeding.
+    """
+    saved_world = int(ck.get("world_size", 1))
+    states = ck.get("rng_ranks") or [ck["rng"]]
+    if saved_world != ctx.world_size and ctx.is_main:
+        logger.warning(
+            "resuming a checkpoint written by %d process(es) with %d: the batch per step changes from "
+            "%d to %d patches; rank 0 restores the saved RNG state%s",
+            saved_world,
+            ctx.world_size,
+            batch_size * saved_world,
+            batch_size * ctx.world_size,
+            ", the other ranks start from fresh per-rank seeds" if ctx.world_size > 1 else "",
+        )
+    if ctx.rank < len(states) and (saved_world == ctx.world_size or ctx.is_main):
+        set_rng_state(states[ctx.rank])
 
 
 def _train_epoch(
@@ -446,19 +564,44 @@ def _train_epoch(
 
 
 def validate(
-    model: nn.Module, cases: Sequence[CachedCase], plan: Plan, device: torch.device, *, overlap: float = 0.5
+    model: nn.Module,
+    cases: Sequence[CachedCase],
+    plan: Plan,
+    device: torch.device,
+    *,
+    overlap: float = 0.5,
+    ctx: DistContext | None = None,
 ) -> np.ndarray:
     """Mean Dice per structure over cached cases (sliding window on the preprocessed grid); NaN for a
-    structure absent from every case and every prediction."""
-    scores = []
-    for cc in cases:
-        pred = predict_preprocessed(model, cc.image(), plan, device, overlap=overlap)
-        label = cc.label()
-        scores.append(dice_per_structure(pred, label[0] if plan.mode == "softmax" else label, plan))
+    structure absent from every case and every prediction.
+
+    Distributed (``ctx``): every process predicts its share of the cases (case k on rank k mod world
+    size) with the unwrapped ``model``; the per-case scores are gathered back in case order, so every
+    process returns the same array, equal to a single-process validation.
+    """
+    ctx = ctx or DistContext()
+    mine = {
+        k: dice_per_structure(
+            predict_preprocessed(model, cases[k].image(), plan, device, overlap=overlap),
+            _reference(cases[k], plan),
+            plan,
+        )
+        for k in range(ctx.rank, len(cases), ctx.world_size)
+    }
+    gathered: dict[int, list[float]] = {}
+    for part in ctx.all_gather_object(mine):
+        gathered.update(part)
+    scores = [gathered[k] for k in range(len(cases))]
     arr = np.array(scores, dtype=float).reshape(len(scores), len(plan.structure_names))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: structure never present
         return np.nanmean(arr, axis=0)
+
+
+def _reference(cc: CachedCase, plan: Plan) -> np.ndarray:
+    label = cc.label()
+    assert label is not None
+    return label[0] if plan.mode == "softmax" else label
 
 
 def _record_validation(
@@ -506,8 +649,7 @@ def _tensorboard(run_dir: Path) -> Any:
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
-def _save(
-    path: Path,
+def _checkpoint(
     model: nn.Module,
     opt: torch.optim.Optimizer,
     sched: Any,
@@ -517,20 +659,24 @@ def _save(
     since_best: int,
     cfg: Config,
     plan: Plan,
-) -> None:
-    save_checkpoint(
-        path,
-        {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "best_metric": best,
-            "since_best": since_best,
-            "rng": rng_state(),
-            "config_hash": config_hash(cfg),
-            "plan": plan.to_dict(),
-            "model_config": cfg.model.model_dump(mode="json"),
-        },
-    )
+    rng: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Checkpoint contents with the unwrapped ``model``; ``rng`` holds every process's RNG states in rank
+    order: ``rng`` keeps rank 0's (what a single process restores), ``rng_ranks`` all of them."""
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "best_metric": best,
+        "since_best": since_best,
+        "rng": rng[0],
+        "world_size": len(rng),
+        "config_hash": config_hash(cfg),
+        "plan": plan.to_dict(),
+        "model_config": cfg.model.model_dump(mode="json"),
+    }
+    if len(rng) > 1:
+        payload["rng_ranks"] = rng
+    return payload

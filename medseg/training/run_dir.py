@@ -45,7 +45,9 @@ def git_commit() -> str | None:
         return None
 
 
-def environment(device: str, cfg: Config) -> dict[str, Any]:
+def environment(device: str, cfg: Config, world_size: int = 1) -> dict[str, Any]:
+    """Versions, hardware and settings of a run (``env.json``); ``device`` is rank 0's device and
+    ``world_size`` the number of training processes (1 without torchrun)."""
     import monai
     import numpy
     import torch
@@ -64,16 +66,18 @@ def environment(device: str, cfg: Config) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
         "threads": torch.get_num_threads(),
+        "world_size": world_size,
         "config_hash": config_hash(cfg),
     }
     return env
 
 
-def write_bundle_files(run_dir: Path, cfg: Config, device: str) -> None:
+def write_bundle_files(run_dir: Path, cfg: Config, device: str, world_size: int = 1) -> None:
+    """Create ``run_dir`` with ``checkpoints/``, ``config.yaml`` and ``env.json`` (rank 0 only)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
-    write_text_atomic(run_dir / "env.json", json.dumps(environment(device, cfg), indent=2))
+    write_text_atomic(run_dir / "env.json", json.dumps(environment(device, cfg, world_size), indent=2))
 
 
 class MetricsCSV:
