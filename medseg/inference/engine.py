@@ -598,12 +598,17 @@ class Accumulator:
 
     def add(self, window: tuple[slice, ...], logits_zfirst: np.ndarray, imp_zfirst: np.ndarray) -> None:
         """Add ``imp * logits`` of one window (``(pz, K, *patch_inplane)``)."""
+        import torch
+
         zs = window[-1]
         inplane = window[:-1]
+        acc, logits = torch.from_numpy(self.acc), torch.from_numpy(np.asarray(logits_zfirst))
+        imp = torch.from_numpy(np.asarray(imp_zfirst))
         for buf, src in _ring(zs.start, zs.stop - zs.start, self.cap):
-            w = imp_zfirst[src]
-            self.acc[(buf, slice(None), *inplane)] += logits_zfirst[src] * w[:, None]
-            self.wsum[(buf, *inplane)] += w
+            w = imp[src]
+            # torch's in-place ops on the strided window use every core (numpy's do not)
+            acc[(buf, slice(None), *inplane)].add_(logits[src] * w[:, None])
+            self.wsum[(buf, *inplane)] += imp_zfirst[src]
 
     def take(self, p0: int, p1: int) -> tuple[np.ndarray, np.ndarray]:
         """Remove rows ``p0:p1`` (weighted sums, weights) from the ring; they are zeroed for reuse."""
