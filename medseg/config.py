@@ -185,7 +185,16 @@ class TrainConfig(Strict):
     seed: int = Field(0, ge=0)
     device: str = "auto"
     batch_size: PositiveInt = 2
-    patch_size: list[PositiveInt] | None = None
+    patch_size: list[PositiveInt] | None = Field(
+        None, description="training patch (voxels per axis); default: the largest that fits memory_gb"
+    )
+    memory_gb: PositiveFloat = Field(
+        8.0,
+        description="device memory (GB = 2**30 bytes) one training step may use: activations for forward "
+        "and backward at batch_size, parameters, gradients, optimizer state (and on CUDA a fixed 1 GB for "
+        "the context and cuDNN). The planned patch is the largest whose estimate fits; a patch_size given "
+        "here wins, with a warning when its estimate exceeds this",
+    )
     target_spacing_mm: list[PositiveFloat] | None = None
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: PositiveFloat = 3e-4

@@ -5,6 +5,14 @@ to undo it: target spacing, intensity normalisation, patch size, label names and
 planning rules follow nnU-Net's: median spacing (the coarse axis of strongly anisotropic data uses
 the 10th percentile), CT intensities clipped to the 0.5-99.5 percentiles of the foreground and
 z-scored with the foreground mean/std, MR and X-ray z-scored per image.
+
+The patch size is planned against a memory budget (``train.memory_gb``) as nnU-Net plans against a
+VRAM target, but with an estimate measured on the configured network
+(:mod:`medseg.training.memory`) instead of a static heuristic: start from the median image shape in
+the target spacing, and while one training step would not fit, shrink by one divisor step the axis
+whose patch is largest relative to the median shape. The estimate and the budget are recorded in
+``plan.json`` (``memory_estimate_bytes``, ``memory_budget_bytes``); they are not part of the
+preprocessing cache key.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,16 +29,14 @@ from typing import Any, Literal
 import numpy as np
 
 from medseg.config import Config
-from medseg.errors import DataError
+from medseg.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
 PREPROCESS_VERSION = 1
 ANISOTROPY_RATIO = 3.0
 SAMPLES_PER_CASE = 10_000
-# voxel budget for planned patches (a patch size from the config always wins)
-PATCH_VOXELS_3D = 128**3
-PATCH_VOXELS_2D = 512**2
+GB = 1 << 30  # train.memory_gb is in GiB, as `medseg predict --max-memory`
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,8 @@ class Plan:
     left_right_pairs: tuple[tuple[str, str], ...] = ()
     border_weights: dict[str, Any] = field(default_factory=dict)
     median_shape: tuple[int, ...] = ()
+    memory_estimate_bytes: int | None = None  # one training step at patch_size (None: older plans)
+    memory_budget_bytes: int | None = None  # train.memory_gb when planned
     version: int = PREPROCESS_VERSION
 
     @property
@@ -110,9 +118,13 @@ class Plan:
     def preprocess_key(self) -> str:
         """Hash of everything that changes the preprocessed arrays (the cache key)."""
         d = self.to_dict()
-        d.pop("patch_size", None)
-        d.pop("median_shape", None)
+        for key in _NOT_PREPROCESSING:
+            d.pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_NOT_PREPROCESSING = ("patch_size", "median_shape", "memory_estimate_bytes", "memory_budget_bytes")
+"""Plan fields that do not change the preprocessed arrays (left out of :meth:`Plan.preprocess_key`)."""
 
 
 @dataclass
@@ -189,24 +201,110 @@ def plan_target_spacing(
 
 
 def plan_patch_size(
-    median_shape: Sequence[int], spacing: Sequence[float], divisor: int, voxels: int
-) -> tuple[int, ...]:
-    """Patch no larger than the median image and ``voxels`` in total, shrinking the axis that is longest
-    in mm first; each side a multiple of ``divisor``."""
-    shape = np.array([max(divisor, int(math.ceil(s / divisor) * divisor)) for s in median_shape], dtype=float)
-    sp = np.asarray(spacing, dtype=float)
-    while np.prod(shape) > voxels:
-        mm = shape * sp
-        ax = int(np.argmax(np.where(shape > divisor, mm, -1)))
-        if shape[ax] <= divisor:
-            break
-        shape[ax] -= divisor
-    return tuple(int(s) for s in shape)
+    median_shape: Sequence[int],
+    divisor: int | Sequence[int],
+    estimate: Callable[[tuple[int, ...]], int],
+    budget_bytes: int,
+    *,
+    spacing: Sequence[float] | None = None,
+) -> tuple[tuple[int, ...], int]:
+    """The largest patch whose training step fits ``budget_bytes``, nnU-Net style.
+
+    Starts from the median image shape rounded up to a multiple of ``divisor`` (at least one divisor
+    per axis), then, while ``estimate(patch) > budget_bytes``, shrinks by one divisor the axis whose
+    patch is largest relative to the median shape (ties: the axis longest in mm, then the first).
+    A candidate the network cannot take (``estimate`` raises :class:`ConfigError`, e.g. too small for
+    the model's levels) stops that axis from shrinking further.
+
+    Args:
+        median_shape: Median image shape in the target spacing.
+        divisor: Step and multiple for each side (one int for every axis, or one per axis).
+        estimate: Bytes of one training step at a patch size (:meth:`TrainingMemory.estimate`).
+        budget_bytes: Device memory allowed for one training step.
+        spacing: Target spacing (mm), only to break ties.
+
+    Returns:
+        ``(patch, estimate_bytes)``.
+
+    Raises:
+        ConfigError: If no legal patch fits the budget (naming ``train.memory_gb`` and the fixes).
+    """
+    nd = len(median_shape)
+    div = [int(divisor)] * nd if isinstance(divisor, int) else [int(d) for d in divisor]
+    med = np.maximum(np.asarray(median_shape, dtype=float), 1.0)
+    sp = np.ones(nd) if spacing is None else np.asarray(spacing, dtype=float)
+    shape = [max(k, int(math.ceil(s / k) * k)) for s, k in zip(median_shape, div, strict=True)]
+    try:
+        est = estimate(tuple(shape))
+    except ConfigError as exc:
+        raise ConfigError(
+            f"the median image ({list(median_shape)} voxels in the target spacing, patch {shape}) is too "
+            f"small for this network: {exc}"
+        ) from exc
+    frozen: set[int] = set()
+    while est > budget_bytes:
+        axes = [a for a in range(nd) if a not in frozen and shape[a] - div[a] >= div[a]]
+        if not axes:
+            raise ConfigError(
+                f"train.memory_gb = {budget_bytes / GB:.3g} GB is too small: the smallest patch this network "
+                f"takes, {shape}, needs about {_size(est)} for one training step. Raise "
+                "train.memory_gb, lower train.batch_size, use fewer or narrower model.channels, or set "
+                "train.patch_size explicitly (it is then used as given, with a warning)."
+            )
+        ax = max(axes, key=lambda a: (round(shape[a] / med[a], 9), shape[a] * sp[a], -a))
+        trial = list(shape)
+        trial[ax] -= div[ax]
+        try:
+            trial_est = estimate(tuple(trial))
+        except ConfigError:
+            frozen.add(ax)
+            continue
+        shape, est = trial, trial_est
+    return tuple(int(s) for s in shape), int(est)
 
 
-def make_plan(cfg: Config, fp: Fingerprint, *, divisor: int = 16) -> Plan:
-    """Turn the config and the dataset fingerprint into a :class:`Plan`."""
+def _size(n: int) -> str:
+    return f"{n / GB:.2f} GB" if n >= GB // 10 else f"{n / 2**20:.1f} MB"
+
+
+def _patch_divisor(cfg: Config, divisor: int | None) -> tuple[int, ...]:
+    """Multiple each planned patch side must be: the model's fixed strides, or ``2**(levels - 1)``
+    (planned strides downsample an axis by at most 2 per level); combined with ``divisor``."""
+    dims = cfg.data.spatial_dims
+    if cfg.model.strides is not None:
+        req = math.prod(int(s) for s in cfg.model.strides)
+    else:
+        req = 2 ** (len(cfg.model.channels) - 1)
+    if divisor is not None:
+        req = math.lcm(req, int(divisor))
+    return (req,) * dims
+
+
+def make_plan(
+    cfg: Config,
+    fp: Fingerprint,
+    *,
+    divisor: int | None = None,
+    memory: Any = None,
+) -> Plan:
+    """Turn the config and the dataset fingerprint into a :class:`Plan`.
+
+    Without ``train.patch_size`` the patch is the largest that fits ``train.memory_gb``
+    (:func:`plan_patch_size`); with it, that patch is used as given, and a warning is logged when its
+    estimate exceeds the budget. Either way the estimate is logged and recorded in the plan.
+
+    Args:
+        cfg: The validated config.
+        fp: The training cases' fingerprint.
+        divisor: Extra multiple for planned patch sides (combined with the model's own requirement).
+        memory: A :class:`medseg.training.memory.TrainingMemory` to use instead of one built from
+            ``cfg`` (tests; a different device or precision).
+
+    Raises:
+        ConfigError: If no legal patch fits ``train.memory_gb``.
+    """
     from medseg.data.geometry import resampled_shape
+    from medseg.training.memory import TrainingMemory
 
     data = cfg.data
     dims = data.spatial_dims
@@ -216,12 +314,35 @@ def make_plan(cfg: Config, fp: Fingerprint, *, divisor: int = 16) -> Plan:
         spacing = plan_target_spacing(fp, dims, cfg.train.patch_size)
     new_shapes = [resampled_shape(s, sp, spacing) for s, sp in zip(fp.shapes, fp.spacings, strict=True)]
     median_shape = tuple(int(v) for v in np.median(np.asarray(new_shapes), axis=0))
+    budget = round(cfg.train.memory_gb * GB)
+    if memory is None:
+        memory = TrainingMemory(cfg, in_channels=fp.in_channels, spacing_mm=spacing)
     if cfg.train.patch_size is not None:
         patch = tuple(int(p) for p in cfg.train.patch_size)
+        est = memory.estimate(patch)
+        if est.total_bytes > budget:
+            logger.warning(
+                "train.patch_size %s needs about %.2f GB per training step, more than train.memory_gb = "
+                "%g GB; it is used as given (lower train.batch_size or the patch, or raise "
+                "train.memory_gb, if training runs out of memory)",
+                list(patch),
+                est.total_gb,
+                cfg.train.memory_gb,
+            )
+        est_bytes = est.total_bytes
     else:
-        patch = plan_patch_size(
-            median_shape, spacing, divisor, PATCH_VOXELS_3D if dims == 3 else PATCH_VOXELS_2D
+        patch, est_bytes = plan_patch_size(
+            median_shape,
+            _patch_divisor(cfg, divisor),
+            lambda p: memory.estimate(p).total_bytes,
+            budget,
+            spacing=spacing,
         )
+    logger.info(
+        "training memory estimate: %s; budget train.memory_gb = %g GB",
+        memory.estimate(patch).describe(),
+        cfg.train.memory_gb,
+    )
     norms = []
     for c in range(fp.in_channels):
         if data.modality == "ct":
@@ -253,4 +374,6 @@ def make_plan(cfg: Config, fp: Fingerprint, *, divisor: int = 16) -> Plan:
         left_right_pairs=tuple(tuple(p) for p in data.left_right_pairs),
         border_weights={"enabled": bw.enabled, "w0": bw.w0, "sigma_mm": bw.sigma_mm},
         median_shape=median_shape,
+        memory_estimate_bytes=int(est_bytes),
+        memory_budget_bytes=budget,
     )
