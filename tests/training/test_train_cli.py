@@ -185,3 +185,26 @@ def test_resume_with_a_different_model_is_refused(
     )
     assert code == 2
     assert "model.channels" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_train_and_predict_on_cuda_with_amp(phantoms: dict[str, Path], tmp_path: Path) -> None:
+    """On a GPU: two AMP epochs on CUDA give a bundle that predicts on CUDA with the input's grid."""
+    from medseg.io import load_volume
+
+    run = tmp_path / "run"
+    args = _args("demo_ct.yaml", phantoms["ct"], phantoms["cache"], run, TINY_CT)
+    args[args.index("--device") + 1] = "cuda"
+    assert main([*args, "--set", "train.amp=true"]) == 0
+    env = json.loads((run / "env.json").read_text())
+    assert "cuda" in json.dumps(env)
+    rows = _rows(run)
+    assert len(rows) == 2 and all(np.isfinite(float(r["train_loss"])) for r in rows)
+    scan = sorted((phantoms["ct"] / "imagesTr").glob("*.nii.gz"))[0]
+    out = tmp_path / "pred"
+    cmd = ["predict", "--model", str(run), "--input", str(scan), "--output", str(out), "--device", "cuda"]
+    assert main(cmd) == 0
+    manifest = json.loads((out / "predict.json").read_text())
+    assert manifest["device"].startswith("cuda")
+    pred, img = load_volume(Path(manifest["cases"][0]["outputs"][0])), load_volume(scan)
+    assert pred.spatial_shape == img.spatial_shape and np.allclose(pred.affine, img.affine, atol=1e-5)
