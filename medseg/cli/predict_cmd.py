@@ -72,6 +72,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also write <case>_probabilities.npy (float16, channels first, input voxel order) + .json",
     )
     o.add_argument("--report", action="store_true", help="also write the organ-volume report <case>_report/")
+    o.add_argument(
+        "--combined-labels",
+        action="store_true",
+        help="overlapping-structure models: also write one label map <case>_labels.nii.gz/.png (structure k "
+        "= value k+1 in the run's order; where structures overlap the later one wins) with a .json naming "
+        "the values",
+    )
     o.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
     o.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     o.add_argument(
@@ -143,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         output_format=args.format,
         save_probabilities=args.save_probabilities,
         report=args.report,
+        combined_labels=args.combined_labels,
         overwrite=args.overwrite,
         progress=not args.no_progress,
         max_memory_bytes=int(args.max_memory * 2**30) if args.max_memory is not None else None,

@@ -187,6 +187,38 @@ def write_prediction(pred: Volume, plan: Plan, out_dir: Path, case: str, *, ext:
     return [final / f"{name}{ext}" for name in plan.structure_names]
 
 
+def combined_label_map(masks: np.ndarray) -> np.ndarray:
+    """``(S, *shape)`` 0/1 masks of overlapping structures -> ``(1, *shape)`` label map.
+
+    Structure ``k`` (0-based, the run's structure order) gets value ``k + 1``; where structures
+    overlap, the one listed later wins (in the chest X-ray configs the clavicles, listed after the
+    lungs, are drawn over them). uint8 up to 255 structures, else uint16.
+    """
+    n = masks.shape[0]
+    out = np.zeros((1, *masks.shape[1:]), np.uint8 if n < 256 else np.uint16)
+    for k in range(n):
+        out[0][masks[k] > 0] = k + 1
+    return out
+
+
+def write_combined_labels(pred: Volume, plan: Plan, out_dir: Path, case: str, *, ext: str) -> list[Path]:
+    """``<case>_labels<ext>`` (:func:`combined_label_map` of a sigmoid model's masks) and
+    ``<case>_labels.json`` naming the values and the overlap rule."""
+    from medseg.io import save_label_map
+
+    path = save_label_map(pred.with_array(combined_label_map(pred.array)), out_dir / f"{case}_labels{ext}")
+    side = out_dir / f"{case}_labels.json"
+    info = {
+        "labels": {str(k + 1): name for k, name in enumerate(plan.structure_names)},
+        "background": 0,
+        "overlap_rule": "where structures overlap, the one with the higher value (listed later) wins; the "
+        f"per-structure masks in {case}/ keep every overlap",
+    }
+    with atomic_write(side) as tmp:
+        tmp.write_text(json.dumps(info, indent=2))
+    return [path, side]
+
+
 class ProbabilityWriter:
     """Writes the probabilities of one scan, float16 ``(K, *shape)`` in the input's storage order, to
     ``<case>_probabilities.npy`` (a memory-mappable ``.npy``) as the engine finalises them, plus
@@ -247,6 +279,7 @@ class BatchOptions:
     overwrite: bool = False
     progress: bool = True
     max_memory_bytes: int | None = None  # None: the kernel's MemAvailable
+    combined_labels: bool = False  # sigmoid models: also <case>_labels<ext> (later structure wins)
 
 
 def group_inputs(inputs: list[Path], in_channels: int) -> list[tuple[str, list[Path]]]:
@@ -364,6 +397,8 @@ def _expected_outputs(out_dir: Path, case: str, path: Path, plan: Plan, batch: B
         outs.append(out_dir / f"{case}_report" / "report.html")
     if fmt in ("nifti", "both"):
         outs.append(output_path(out_dir, case, plan, output_extension(path, plan)))
+        if batch.combined_labels and plan.mode == "sigmoid":
+            outs.append(out_dir / f"{case}_labels{output_extension(path, plan)}")
     if fmt in ("dicom-seg", "both"):
         outs.append(out_dir / f"{case}_seg.dcm")
     return outs
@@ -433,6 +468,8 @@ def _predict_loaded(
         if batch.output_format in ("nifti", "both"):
             ext = output_extension(source, bundle.plan)
             files += write_prediction(pred, bundle.plan, out_dir, case, ext=ext)
+            if batch.combined_labels and bundle.plan.mode == "sigmoid":
+                files += write_combined_labels(pred, bundle.plan, out_dir, case, ext=ext)
         if batch.output_format in ("dicom-seg", "both"):
             files.append(_write_seg(pred, bundle, source, out_dir / f"{case}_seg.dcm"))
         if writer is not None:
@@ -544,6 +581,7 @@ def predict_files(
             "format": batch.output_format,
             "save_probabilities": batch.save_probabilities,
             "report": batch.report,
+            "combined_labels": batch.combined_labels,
         },
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -12,6 +12,7 @@ import pytest
 
 from medseg.cli.main import main
 from medseg.data.plan import ChannelNorm, Plan
+from medseg.inference.predict import combined_label_map
 from medseg.io import load_volume, save_volume
 from medseg.io.dicom_write import write_dicom_series
 from medseg.types import Volume
@@ -208,6 +209,38 @@ def test_2d_model_on_png_and_single_slice_nifti(bundle_2d: Path, tmp_path: Path)
         assert n.shape == (50, 40, 1)
         np.testing.assert_array_equal(n.affine, nib.load(str(nii)).affine)
     assert not list(out.glob(".*tmp*")), "temporary mask folder left behind"
+
+
+def test_combined_label_map_of_overlapping_structures(bundle_2d: Path, tmp_path: Path) -> None:
+    masks = np.zeros((3, 4, 5), np.uint8)
+    masks[0, :3] = 1
+    masks[1, 1:, :2] = 1  # overlaps structure 0 in rows 1-2
+    masks[2, 2, 1] = 1  # on top of both
+    expected = np.array([[1, 1, 1, 1, 1], [2, 2, 1, 1, 1], [2, 3, 1, 1, 1], [2, 2, 0, 0, 0]], np.uint8)
+    np.testing.assert_array_equal(combined_label_map(masks)[0], expected)
+    # end to end: a PNG and a NIfTI input, the label maps agree with the written masks
+    rng = np.random.default_rng(1)
+    png = save_volume(
+        Volume(rng.integers(0, 255, (1, 50, 40)).astype(np.uint8), np.eye(4)), tmp_path / "in" / "x.png"
+    )
+    nii = save_volume(
+        Volume(rng.random((1, 50, 40, 1)).astype(np.float32), np.eye(4)), tmp_path / "in" / "y.nii.gz"
+    )
+    out = tmp_path / "out"
+    assert _predict(bundle_2d, [png, nii], out, "--combined-labels", "--threshold", "0.45") == 0
+    for case, ext in (("x", ".png"), ("y", ".nii.gz")):
+        lab = load_volume(out / f"{case}_labels{ext}").array
+        lung, clav = (load_volume(out / case / f"{s}{ext}").array > 0 for s in ("lung", "clavicle"))
+        np.testing.assert_array_equal(lab, np.where(clav, 2, np.where(lung, 1, 0)))
+        side = json.loads((out / f"{case}_labels.json").read_text())
+        assert side["labels"] == {"1": "lung", "2": "clavicle"} and "later" in side["overlap_rule"]
+    manifest = json.loads((out / "predict.json").read_text())
+    assert manifest["options"]["combined_labels"] is True
+    # a rerun without --overwrite skips only when the label maps exist too
+    (out / "x_labels.png").unlink()
+    assert _predict(bundle_2d, [png], out, "--combined-labels") == 0
+    assert json.loads((out / "predict.json").read_text())["cases"][0].get("skipped") is not True
+    assert (out / "x_labels.png").is_file()
 
 
 def _predict(bundle: Path, inputs: list[Path], out: Path, *extra: str) -> int:
