@@ -11,7 +11,10 @@ window overlap, under the same allocator settings and torch thread count:
     ``EngineOptions`` fields, e.g. ``skip_air=false``), timed from loading the run directory and reading
     the file to the written label map, including the run's post-processing if its config enables any.
     Only the public functions are used, so the harness does not depend on the engine's internals.
-(a2) medseg with ``--coarse-roi``
+(a2) medseg with ``--resample logits`` (optional)
+    the same, with ``EngineOptions(resample="logits")``: the blended logits, not the probabilities, are
+    resampled to the input grid before the argmax (what nnU-Net's export does).
+(a3) medseg with ``--coarse-roi`` (optional)
     the same, with ``EngineOptions(coarse_roi=True)``: a first pass of non-overlapping windows, then the
     overlapping windows only near the structures it found.
 (b) MONAI
@@ -95,13 +98,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTENDERS = ("medseg", "medseg_roi", "monai", "nnunet")
+CONTENDERS = ("medseg", "medseg_logits", "medseg_roi", "monai", "nnunet")
 TITLES = {
     "medseg": "(a) medseg predict",
-    "medseg_roi": "(a2) medseg predict --coarse-roi",
+    "medseg_logits": "(a2) medseg predict --resample logits",
+    "medseg_roi": "(a3) medseg predict --coarse-roi",
     "monai": "(b) MONAI sliding window",
     "nnunet": "(c) nnU-Net v2 predictor",
 }
+MEDSEG_VARIANTS = {"medseg_logits": {"resample": "logits"}, "medseg_roi": {"coarse_roi": True}}
+"""EngineOptions fields of the medseg variants (run through the same public ``predict_files`` path)."""
 TUNED_ALLOCATOR = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 CASE = "bench_ct"
 WARM_IMPORTS = (
@@ -286,8 +292,7 @@ def _medseg_options(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"--engine: unknown EngineOptions fields {unknown}; known: {sorted(names)}")
     opts = {"overlap": args.overlap, "batch_size": args.batch_size, "tta": False, **extra}
-    if args.child == "medseg_roi":
-        opts["coarse_roi"] = True
+    opts.update(MEDSEG_VARIANTS.get(args.child, {}))
     return {"engine": EngineOptions(**opts), "batch": BatchOptions(overwrite=True, progress=False)}
 
 
@@ -406,8 +411,8 @@ def child_main(args: argparse.Namespace) -> int:
     Path(args.child_out).mkdir(parents=True, exist_ok=True)
     meter, st = ForwardMeter(), Stages()
     cpu0 = _cpu_seconds()
-    children = {"medseg": _child_medseg, "medseg_roi": _child_medseg, "monai": _child_monai}
-    run = _child_nnunet if args.child == "nnunet" else children[args.child]
+    children = {"monai": _child_monai, "nnunet": _child_nnunet}
+    run = children.get(args.child, _child_medseg)
     extra = run(args, meter, st)
     result = {
         "contender": args.child,
@@ -762,6 +767,16 @@ def report(
             f"({'met' if ratio >= 1.5 else 'not met'}), lowest per-label Dice agreement with nnU-Net "
             f"{worst:.4f} ({'met' if worst >= 0.995 else 'not met'}).",
         ]
+        if "medseg_logits" in results:
+            lg = _mean_min(
+                dice_table(results["medseg_logits"][-1]["output"], results["nnunet"][-1]["output"], labels)
+            )
+            rl = nn / med["medseg_logits"]
+            summary.update(ratio_logits=rl, min_dice_logits=lg[1])
+            lines.append(
+                f"With `--resample logits`: speed {rl:.2f}×, Dice agreement with nnU-Net mean {lg[0]:.4f}, "
+                f"lowest {lg[1]:.4f} ({'met' if rl >= 1.5 and lg[1] >= 0.995 else 'not met'})."
+            )
     else:
         lines += ["", f"nnU-Net v2 not run ({skipped.get('nnunet', '')}): no speed ratio."]
     pp = getattr(bundle, "postprocessing", None)
@@ -818,8 +833,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--contenders",
         nargs="+",
         choices=CONTENDERS,
-        default=[c for c in CONTENDERS if c != "medseg_roi"],
-        help="which to run (default all but medseg_roi)",
+        default=[c for c in CONTENDERS if c not in MEDSEG_VARIANTS],
+        help="which to run (default medseg, monai, nnunet; add the variants medseg_logits, medseg_roi)",
     )
     p.add_argument("--skip-nnunet", action="store_true", help="leave nnU-Net out on purpose (exit 0)")
     p.add_argument("--train-epochs", type=int, default=3, help="epochs of the auto-made model")

@@ -42,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run windows that lie entirely in air too (CT models skip them by default)",
     )
     g.add_argument(
+        "--resample",
+        choices=["probabilities", "logits"],
+        help="what is resampled to the input grid before the decision when the spacing changed "
+        "(probabilities; logits as nnU-Net v2 does: agrees with nnU-Net's output near boundaries)",
+    )
+    g.add_argument(
         "--coarse-roi",
         action="store_true",
         help="first a pass of non-overlapping windows, then overlapping windows only near the structures "
@@ -135,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "tta": args.tta,
             "threshold": args.threshold,
+            "resample": args.resample,
         }.items()
         if v is not None
     }

@@ -7,9 +7,10 @@ What it does, in data-flow order (3D; a 2D image is the same with one in-plane a
    current windows read (linear resampling, separable and identical in effect to ``F.interpolate(...,
    mode="trilinear", align_corners=False)`` used by training), so no full-size float copy of the scan
    exists.
-3. Windows are MONAI's (:func:`monai.data.utils.dense_patch_slices` with the scan interval of
-   ``sliding_window_inference``) and are blended with MONAI's Gaussian importance map, visited in
-   order of their start along the last axis. The network runs on ``device``; the blended logits are
+3. Windows are spaced evenly along each axis (nnU-Net's rule, :func:`window_starts`: as many windows
+   as MONAI's placement, but the overlap is shared equally instead of piling up between the last two)
+   and are blended with MONAI's Gaussian importance map, visited in order of their start along the
+   last axis. The network runs on ``device``; the blended logits are
    accumulated on the CPU in a ring buffer only ``patch + step`` slices thick. Windows whose input is
    entirely air (below the plan's body threshold) can be skipped: their voxels are background.
    With ``coarse_roi``, a first pass of non-overlapping windows marks (in 8-voxel blocks) where any
@@ -21,8 +22,9 @@ What it does, in data-flow order (3D; a 2D image is the same with one in-plane a
 
 Why hand-written: MONAI's ``sliding_window_inference`` keeps the full ``(K, *spatial)`` float output in
 memory (its ``buffer_steps`` option only bounds *device* memory), which for a 512×512×1000 CT with 20+
-classes is tens of GB. Window placement and blending weights are MONAI's, so results agree with it
-up to float rounding (tested).
+classes is tens of GB. Where MONAI's placement and the even one coincide (``(size - patch)`` a multiple
+of the step), results equal MONAI's up to float rounding (tested); the even placement makes them
+agree with nnU-Net's predictor given the same network (``scripts/bench_inference.py``).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class EngineOptions:
     """How windows are run and accumulated.
 
     Attributes:
-        overlap: Fraction of a window shared with its neighbour (MONAI's ``overlap``).
+        overlap: Fraction of a window shared with its neighbour, at least (MONAI's ``overlap``; the
+            windows are then spaced evenly, :func:`window_starts`).
         batch_size: Windows per forward pass.
         tta: Average the logits of each window and of its left-right mirror (the mirror training
             uses), with paired left/right channels swapped back.
@@ -65,6 +68,11 @@ class EngineOptions:
             the windows), then run the overlapping windows only where that pass found a structure
             within a quarter patch; the others are background. Saves time when the structures fill a
             small part of the scan (one organ in a whole-body CT); costs it when they fill most of it.
+        resample: What is resampled linearly to the input's grid when the spacing changed, before the
+            decision: ``probabilities`` (softmax/sigmoid outputs, the default) or ``logits`` (the
+            blended network outputs, as nnU-Net v2 exports; the decision is then argmax / ``logit >
+            logit(threshold)``, and saved probabilities are the softmax/sigmoid of the resampled
+            logits). Either way labels are never resampled; the two differ only near boundaries.
         accumulator_dtype: ``float32``, or ``float16`` to halve the accumulator (argmax ties may change).
         threshold: Probability threshold of sigmoid (overlapping-structure) models.
         progress: Show a progress bar over windows.
@@ -75,6 +83,7 @@ class EngineOptions:
     tta: bool = False
     skip_air: bool = True
     coarse_roi: bool = False
+    resample: Literal["probabilities", "logits"] = "probabilities"
     accumulator_dtype: Literal["float32", "float16"] = "float32"
     threshold: float = 0.5
     progress: bool = False
@@ -86,6 +95,8 @@ class EngineOptions:
             raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
         if not 0.0 < self.threshold < 1.0:
             raise ConfigError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.resample not in ("probabilities", "logits"):
+            raise ConfigError(f"resample must be 'probabilities' or 'logits', got {self.resample!r}")
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -379,12 +390,13 @@ class LazyInput:
 
 
 class Restorer:
-    """Takes finalised probabilities of resampled-grid rows (in order) and writes decided labels of
-    canonical-crop rows into ``out`` (a canonical view of the output), resampling the probabilities
-    linearly first when the spacing changed.
+    """Takes finalised probabilities (or logits, ``space="logits"``) of resampled-grid rows (in order)
+    and writes decided labels of canonical-crop rows into ``out`` (a canonical view of the output),
+    resampling them linearly first when the spacing changed.
 
     softmax: ``out`` is ``(1, *canonical)`` and receives label values (argmax, first maximum wins);
-    sigmoid: ``out`` is ``(S, *canonical)`` and receives 0/1 (``p >= threshold``).
+    sigmoid: ``out`` is ``(S, *canonical)`` and receives 0/1 (``p >= threshold``, i.e. ``logit >=
+    logit(threshold)``).
     """
 
     def __init__(
@@ -395,8 +407,10 @@ class Restorer:
         *,
         threshold: float = 0.5,
         sink: ProbabilitySink | None = None,
+        space: Literal["probabilities", "logits"] = "probabilities",
     ) -> None:
         self.layout, self.out, self.mode, self.threshold, self.sink = layout, out, plan.mode, threshold, sink
+        self.space = space
         self.lut = np.array([0, *plan.label_values], dtype=out.dtype) if plan.mode == "softmax" else None
         self.buf: np.ndarray | None = None
         self.q0 = 0  # resampled row of buf[0]
@@ -438,16 +452,18 @@ class Restorer:
         else:
             self.buf = self.buf[:0]
 
-    def _decide(self, z0: int, z1: int, probs: np.ndarray) -> None:
+    def _decide(self, z0: int, z1: int, values: np.ndarray) -> None:
         c0 = self.layout.crop[-1].start
         inplane = self.layout.crop[:-1]
+        logits = self.space == "logits"
         if self.sink is not None:
-            self.sink((*inplane, slice(c0 + z0, c0 + z1)), probs)
-        if self.mode == "softmax":
-            lab = self.lut[_argmax_channels(probs)]  # (n, *inplane)
+            self.sink((*inplane, slice(c0 + z0, c0 + z1)), _activate(values, self.mode) if logits else values)
+        if self.mode == "softmax":  # the argmax of the logits is the argmax of their softmax
+            lab = self.lut[_argmax_channels(values)]  # (n, *inplane)
             self.out[(0, *inplane, slice(c0 + z0, c0 + z1))] = np.moveaxis(lab, 0, -1)
         else:
-            masks = (probs >= self.threshold).astype(self.out.dtype)  # (n, S, *inplane)
+            cut = math.log(self.threshold / (1.0 - self.threshold)) if logits else self.threshold
+            masks = (values >= cut).astype(self.out.dtype)  # (n, S, *inplane)
             self.out[(slice(None), *inplane, slice(c0 + z0, c0 + z1))] = np.moveaxis(masks, 0, -1)
 
     @property
@@ -480,16 +496,22 @@ def new_output(layout: Layout, plan: Plan) -> np.ndarray:
 
 
 def restore_to_original(
-    probs: np.ndarray, props: dict[str, Any], plan: Plan, *, threshold: float = 0.5
+    probs: np.ndarray,
+    props: dict[str, Any],
+    plan: Plan,
+    *,
+    threshold: float = 0.5,
+    space: Literal["probabilities", "logits"] = "probabilities",
 ) -> np.ndarray:
-    """Map preprocessed-grid probabilities ``(K, *resampled)`` back to the input grid and decide there.
+    """Map preprocessed-grid probabilities (or logits, ``space``) ``(K, *resampled)`` back to the input
+    grid and decide there.
 
     The one-shot form of what :func:`segment` does slab by slab (used for oracle tests): softmax gives
     ``(1, *original)`` label values, sigmoid ``(S, *original)`` masks.
     """
     layout = Layout.from_props(props)
     out = new_output(layout, plan)
-    rest = Restorer(layout, oriented_view(out, layout.ornt), plan, threshold=threshold)
+    rest = Restorer(layout, oriented_view(out, layout.ornt), plan, threshold=threshold, space=space)
     rest.push(0, np.moveaxis(np.asarray(probs, np.float32), -1, 0))
     if not rest.done:
         raise AssertionError("restoration did not cover the grid")
@@ -499,17 +521,34 @@ def restore_to_original(
 # ------------------------------------------------------------------------------------ the engine
 
 
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Evenly spaced window starts along one axis (nnU-Net's ``compute_steps_for_sliding_window``).
+
+    ``ceil((size - patch) / (patch * (1 - overlap))) + 1`` windows, the first at 0 and the last at
+    ``size - patch``, the others at rounded equal steps in between. MONAI places the same number at
+    a fixed step and clamps the last one to the edge, so its last two windows overlap more than the
+    others; here every neighbour pair shares about the same amount.
+    """
+    if size <= patch:
+        return [0]
+    target = max(patch * (1.0 - overlap), 1.0)
+    n = math.ceil((size - patch) / target) + 1
+    step = (size - patch) / (n - 1)
+    return [int(round(step * i)) for i in range(n)]
+
+
 def window_slices(
     padded_shape: Sequence[int], patch: Sequence[int], overlap: float
 ) -> list[tuple[slice, ...]]:
-    """MONAI's windows over ``padded_shape``, sorted (stably) by their start along the last axis."""
-    from monai.data.utils import dense_patch_slices
+    """All windows over ``padded_shape`` (:func:`window_starts` on every axis), sorted (stably) by their
+    start along the last axis."""
+    import itertools
 
-    interval = [
-        int(p) if int(p) == int(n) else max(int(int(p) * (1 - overlap)), 1)
-        for n, p in zip(padded_shape, patch, strict=True)
+    starts = [window_starts(int(n), int(p), overlap) for n, p in zip(padded_shape, patch, strict=True)]
+    slices = [
+        tuple(slice(a, a + int(p)) for a, p in zip(corner, patch, strict=True))
+        for corner in itertools.product(*starts)
     ]
-    slices = dense_patch_slices(tuple(padded_shape), tuple(patch), interval)
     return sorted(slices, key=lambda s: s[-1].start)
 
 
@@ -622,13 +661,29 @@ class Accumulator:
         return acc, w
 
 
-def _probabilities(acc: np.ndarray, w: np.ndarray, mode: str) -> np.ndarray:
-    """Blended logits -> probabilities; voxels no window covered (skipped air) are background."""
+_EMPTY_LOGIT = 20.0
+"""Logit magnitude given to voxels no window covered (skipped): background, p(other) ~ 2e-9."""
+
+
+def _activate(logits: np.ndarray, mode: str) -> np.ndarray:
+    """Softmax (over axis 1) or sigmoid of ``(n, K, ...)`` logits, float32."""
     import torch
 
+    t = torch.from_numpy(np.ascontiguousarray(logits, np.float32))
+    return (torch.softmax(t, 1) if mode == "softmax" else torch.sigmoid(t)).numpy()
+
+
+def _blended(acc: np.ndarray, w: np.ndarray, mode: str, space: str = "probabilities") -> np.ndarray:
+    """Blended logits (``acc / w``) as probabilities or logits (``space``); voxels no window covered
+    (skipped air or outside the coarse ROI) are background."""
     empty = w <= 0
-    logits = torch.from_numpy(acc / np.maximum(w, 1e-12)[:, None])
-    probs = (torch.softmax(logits, 1) if mode == "softmax" else torch.sigmoid(logits)).numpy()
+    logits = (acc / np.maximum(w, 1e-12)[:, None]).astype(np.float32, copy=False)
+    if space == "logits":
+        if empty.any():
+            for k in range(logits.shape[1]):
+                logits[:, k][empty] = _EMPTY_LOGIT if (mode == "softmax" and k == 0) else -_EMPTY_LOGIT
+        return logits
+    probs = _activate(logits, mode)
     if empty.any():
         for k in range(probs.shape[1]):
             probs[:, k][empty] = 1.0 if (mode == "softmax" and k == 0) else 0.0
@@ -757,7 +812,8 @@ def segment(
         # channel 0 decides, as for the body box (other channels may be normalised differently)
         air = float(norms[0].apply(np.array([plan.body_threshold], np.float32))[0])
     out = new_output(layout, plan)
-    restorer = Restorer(layout, oriented_view(out, layout.ornt), plan, threshold=opts.threshold, sink=sink)
+    view = oriented_view(out, layout.ornt)
+    restorer = Restorer(layout, view, plan, threshold=opts.threshold, sink=sink, space=opts.resample)
 
     patch = tuple(int(p) for p in plan.patch_size)
     padded = layout.padded_shape
@@ -847,7 +903,7 @@ class _Finaliser:
             r0, r1 = max(self.done_to - before, 0), min(p1 - before, n_res)
             if r1 > r0:
                 sel = slice(r0 + before - self.done_to, r1 + before - self.done_to)
-                probs = _probabilities(acc[sel], w[sel], self.mode)
+                probs = _blended(acc[sel], w[sel], self.mode, self.restorer.space)
                 self.restorer.push(r0, np.ascontiguousarray(probs[(slice(None), slice(None), *inner)]))
             self.done_to = p1
 
@@ -872,7 +928,7 @@ def estimate_memory(image: Volume, plan: Plan, opts: EngineOptions, *, params: i
     padded = [max(r, p) for r, p in zip(res, patch, strict=True)]
     k = plan.out_channels
     inplane = math.prod(padded[:-1])
-    step = max(int(patch[-1] * (1 - opts.overlap)), 1)
+    step = max(math.ceil(patch[-1] * (1 - opts.overlap)), 1)  # even steps are at most this
     cap = patch[-1] + step * max(1, opts.batch_size - 1)
     acc_item = 2 if opts.accumulator_dtype == "float16" else 4
     n_out = 1 if plan.mode == "softmax" else len(plan.structure_names)

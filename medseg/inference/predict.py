@@ -108,7 +108,10 @@ def run_settings(run_dir: Path) -> tuple[PostProcessing, EngineOptions]:
         min_component_mm3=p.min_component_mm3,
         fill_holes=p.fill_holes,
     )
-    return post, EngineOptions(overlap=p.overlap, batch_size=p.batch_size, tta=p.tta, threshold=p.threshold)
+    opts = EngineOptions(
+        overlap=p.overlap, batch_size=p.batch_size, tta=p.tta, threshold=p.threshold, resample=p.resample
+    )
+    return post, opts
 
 
 def predict_volume(
@@ -576,6 +579,7 @@ def predict_files(
             "tta": opts.tta,
             "skip_air": opts.skip_air,
             "coarse_roi": opts.coarse_roi,
+            "resample": opts.resample,
             "accumulator_dtype": opts.accumulator_dtype,
             "threshold": opts.threshold,
             "format": batch.output_format,

@@ -3,6 +3,8 @@ TTA with left/right swaps, air-window skipping, and the memory estimate."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 from medseg.data.geometry import bbox_of
 from medseg.data.plan import ChannelNorm, Plan
 from medseg.data.preprocess import preprocess_volume
+from medseg.errors import ConfigError
 from medseg.inference.engine import (
     CanonicalSlabs,
     EngineOptions,
@@ -17,11 +20,15 @@ from medseg.inference.engine import (
     RoiMap,
     _Runner,
     body_box,
+    canonical_grid,
     estimate_memory,
     linear_taps,
     lr_channel_permutation,
+    oriented_view,
     restore_to_original,
     segment,
+    window_slices,
+    window_starts,
 )
 from medseg.inference.sliding_window import sliding_window_logits
 from medseg.types import Volume
@@ -105,24 +112,104 @@ def _affine_lps() -> np.ndarray:
     return a
 
 
+def _one_shot_logits(net, arr: np.ndarray, patch, overlap: float = 0.5) -> torch.Tensor:
+    """Reference: every window of :func:`window_slices` over the whole preprocessed image, blended with
+    MONAI's Gaussian into one full-size accumulator (what the engine does slab by slab)."""
+    from monai.data.utils import compute_importance_map
+
+    imp = compute_importance_map(tuple(patch), mode="gaussian", sigma_scale=0.125, device="cpu")
+    x = torch.from_numpy(arr)
+    acc, wsum = None, torch.zeros(arr.shape[1:])
+    with torch.inference_mode():
+        for w in window_slices(arr.shape[1:], patch, overlap):
+            y = net(x[(slice(None), *w)][None])[0]
+            acc = torch.zeros((y.shape[0], *arr.shape[1:])) if acc is None else acc
+            acc[(slice(None), *w)] += y * imp
+            wsum[w] += imp
+    return acc / wsum
+
+
 @pytest.mark.parametrize("mode", ["softmax", "sigmoid"])
-@pytest.mark.parametrize("batch_size", [1, 3, 7])
-def test_slabwise_equals_one_shot_monai(mode, batch_size):
-    """Engine (lazy resampling, ring accumulator, per-slab restore) == MONAI sliding_window_inference
-    on the whole preprocessed image + one-shot restoration, with cropping, resampling and LPS storage."""
+@pytest.mark.parametrize(("batch_size", "space"), [(1, "probabilities"), (3, "logits"), (7, "probabilities")])
+def test_slabwise_equals_one_shot_accumulation(mode, batch_size, space):
+    """Engine (lazy resampling, ring accumulator, per-slab restore) == one full-size accumulation of
+    the same windows + one-shot restoration, with cropping, resampling and LPS storage; resampling
+    probabilities or logits."""
     plan = _plan(mode, spacing=(1.3, 1.1, 1.9), patch=(16, 16, 8), crop=True)
     vol = _ct((37, 29, 23), _affine_lps())
     net = _conv_net(plan.out_channels)
     arr, props = preprocess_volume(vol, plan)
-    logits = sliding_window_logits(net, arr, plan.patch_size, "cpu", overlap=0.5, batch_size=2)
+    assert all(n > p for n, p in zip(arr.shape[1:], plan.patch_size, strict=True))  # several windows
+    logits = _one_shot_logits(net, arr, plan.patch_size)
     probs = (torch.softmax(logits, 0) if mode == "softmax" else torch.sigmoid(logits)).numpy()
-    ref = restore_to_original(probs, props, plan)
+    ref = restore_to_original(logits.numpy() if space == "logits" else probs, props, plan, space=space)
+    other = restore_to_original(
+        probs if space == "logits" else logits.numpy(),
+        props,
+        plan,
+        space=("probabilities" if space == "logits" else "logits"),
+    )
+    assert np.mean(other != ref) > 3e-4  # the two resamplings differ near boundaries: the test can tell
     stats = EngineStats()
-    got = segment(vol, plan, net, "cpu", EngineOptions(batch_size=batch_size, skip_air=False), stats=stats)
+    opts = EngineOptions(batch_size=batch_size, skip_air=False, resample=space)
+    got = segment(vol, plan, net, "cpu", opts, stats=stats)
     assert got.shape == ref.shape
     assert stats.windows_run == stats.windows > 1
     # identical up to float-rounding ties (blending order differs)
     assert np.mean(got != ref) < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["softmax", "sigmoid"])
+def test_equals_monai_where_the_window_placements_coincide(mode):
+    """(size - patch) a multiple of the step on every axis: MONAI's windows are the even ones, and the
+    engine reproduces MONAI's sliding_window_inference (Gaussian) + restoration."""
+    plan = _plan(mode, patch=(16, 16, 8))
+    vol = _ct((40, 24, 16))
+    net = _conv_net(plan.out_channels)
+    arr, props = preprocess_volume(vol, plan)
+    assert arr.shape[1:] == (40, 24, 16)
+    logits = sliding_window_logits(net, arr, plan.patch_size, "cpu", overlap=0.5, batch_size=2)
+    probs = (torch.softmax(logits, 0) if mode == "softmax" else torch.sigmoid(logits)).numpy()
+    ref = restore_to_original(probs, props, plan)
+    got = segment(vol, plan, net, "cpu", EngineOptions(batch_size=3, skip_air=False))
+    assert np.mean(got != ref) < 1e-4
+
+
+def test_window_starts_are_spaced_evenly():
+    # 37 - 16 = 21 over ceil(21 / 8) = 3 steps of 7 (MONAI: 0, 8, 16 and the clamped 21)
+    assert window_starts(37, 16, 0.5) == [0, 7, 14, 21]
+    assert window_starts(40, 16, 0.5) == [0, 8, 16, 24]  # divisible: MONAI's placement
+    assert window_starts(30, 8, 0.5) == [0, 4, 7, 11, 15, 18, 22]  # 22 / ceil(22 / 4) = 3.67, rounded
+    assert window_starts(16, 16, 0.5) == [0] and window_starts(5, 16, 0.5) == [0]
+    assert window_starts(48, 8, 0.0) == [0, 8, 16, 24, 32, 40]  # no overlap: a tiling
+    assert window_starts(50, 8, 0.0) == [0, 7, 14, 21, 28, 35, 42]  # 7 windows, sharing 1 voxel each
+    for size, patch, overlap in [(37, 16, 0.5), (201, 64, 0.5), (97, 32, 0.75), (50, 8, 0.0)]:
+        s = window_starts(size, patch, overlap)
+        gaps = np.diff(s)
+        assert s[0] == 0 and s[-1] == size - patch
+        assert gaps.max() - gaps.min() <= 1 and gaps.max() <= math.ceil(patch * (1 - overlap))
+
+
+def test_logit_resampling_saves_probabilities_that_match_the_labels():
+    plan = _plan("softmax", spacing=(1.3, 1.1, 1.9), patch=(16, 16, 8), crop=True)
+    vol = _ct((37, 29, 23), _affine_lps())
+    seen = []
+    out = segment(
+        vol,
+        plan,
+        _conv_net(plan.out_channels),
+        "cpu",
+        EngineOptions(resample="logits"),
+        sink=lambda box, p: seen.append((box, p.copy())),
+    )
+    view = oriented_view(out, canonical_grid(vol)[0])  # the label map in the sink's canonical order
+    lut = np.array([0, *plan.label_values])
+    for box, p in seen:  # (n, K, *inplane) probabilities on the input grid
+        np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+        np.testing.assert_array_equal(lut[p.argmax(1)], np.moveaxis(view[(0, *box)], -1, 0))
+    assert sum(p.shape[0] for _, p in seen) > 0 and out.max() > 0
+    with pytest.raises(ConfigError, match="resample"):
+        EngineOptions(resample="labels")
 
 
 def test_accumulator_does_not_grow_with_the_scan():

@@ -305,12 +305,12 @@ def test_probabilities_match_the_label_map(bundle: Path, tmp_path: Path) -> None
     assert {"medseg", "torch", "monai"} <= set(manifest["versions"])
 
 
-def test_coarse_roi_flag_reaches_the_engine(bundle: Path, tmp_path: Path) -> None:
+def test_coarse_roi_and_resample_flags_reach_the_engine(bundle: Path, tmp_path: Path) -> None:
     save_volume(_scan(AFFINES["RAS"]), tmp_path / "in" / "c1.nii.gz")
     out = tmp_path / "out"
-    assert _predict(bundle, [tmp_path / "in" / "c1.nii.gz"], out, "--coarse-roi") == 0
+    assert _predict(bundle, [tmp_path / "in" / "c1.nii.gz"], out, "--coarse-roi", "--resample", "logits") == 0
     manifest = json.loads((out / "predict.json").read_text())
-    assert manifest["options"]["coarse_roi"] is True
+    assert manifest["options"]["coarse_roi"] is True and manifest["options"]["resample"] == "logits"
     assert manifest["cases"][0]["coarse_windows_run"] > 0
     assert load_volume(out / "c1.nii.gz").spatial_shape == _scan(AFFINES["RAS"]).spatial_shape
 
