@@ -8,7 +8,8 @@ What it does, in data-flow order (3D; a 2D image is the same with one in-plane a
    mode="trilinear", align_corners=False)`` used by training), so no full-size float copy of the scan
    exists.
 3. Windows are spaced evenly along each axis (nnU-Net's rule, :func:`window_starts`: as many windows
-   as MONAI's placement, but the overlap is shared equally instead of piling up between the last two)
+   as MONAI's placement when ``patch * (1 - overlap)`` is whole, but the overlap is shared equally
+   instead of piling up between the last two)
    and are blended with MONAI's Gaussian importance map, visited in order of their start along the
    last axis. The network runs on ``device``; the blended logits are
    accumulated on the CPU in a ring buffer only ``patch + step`` slices thick. Windows whose input is
@@ -56,18 +57,20 @@ class EngineOptions:
     """How windows are run and accumulated.
 
     Attributes:
-        overlap: Fraction of a window shared with its neighbour, at least (MONAI's ``overlap``; the
-            windows are then spaced evenly, :func:`window_starts`).
+        overlap: Fraction of a window shared with its neighbour (MONAI's ``overlap``): windows are
+            spaced evenly with steps of ``patch * (1 - overlap)`` or less, up to rounding
+            (:func:`window_starts`).
         batch_size: Windows per forward pass.
         tta: Average the logits of each window and of its left-right mirror (the mirror training
             uses), with paired left/right channels swapped back.
         skip_air: Do not run windows whose first channel lies entirely at or below the normalised body
             threshold (CT; when the plan clips above the threshold, "at the clip floor": voxels the
             network cannot tell from air). Their voxels are background.
-        coarse_roi: First run non-overlapping windows over the scan (about ``(1 - overlap)^dims`` of
-            the windows), then run the overlapping windows only where that pass found a structure
-            within a quarter patch; the others are background. Saves time when the structures fill a
-            small part of the scan (one organ in a whole-body CT); costs it when they fill most of it.
+        coarse_roi: First run non-overlapping windows over the scan (on large 3D scans at overlap 0.5
+            about an eighth as many as the overlapping ones; on small scans a third or more), then
+            run the overlapping windows only where that pass found a structure within a quarter
+            patch; the others are background. Saves time when the structures fill a small part of
+            the scan (one organ in a whole-body CT); costs it when they fill most of it.
         resample: What is resampled linearly to the input's grid when the spacing changed, before the
             decision: ``probabilities`` (softmax/sigmoid outputs, the default) or ``logits`` (the
             blended network outputs, as nnU-Net v2 exports; the decision is then argmax / ``logit >
@@ -673,15 +676,19 @@ def _activate(logits: np.ndarray, mode: str) -> np.ndarray:
     return (torch.softmax(t, 1) if mode == "softmax" else torch.sigmoid(t)).numpy()
 
 
-def _blended(acc: np.ndarray, w: np.ndarray, mode: str, space: str = "probabilities") -> np.ndarray:
+def _blended(
+    acc: np.ndarray, w: np.ndarray, mode: str, space: str = "probabilities", threshold: float = 0.5
+) -> np.ndarray:
     """Blended logits (``acc / w``) as probabilities or logits (``space``); voxels no window covered
-    (skipped air or outside the coarse ROI) are background."""
+    (skipped air or outside the coarse ROI) are background: in logit space ``_EMPTY_LOGIT`` below
+    the decision (sigmoid: below ``logit(threshold)``, whatever the threshold)."""
     empty = w <= 0
     logits = (acc / np.maximum(w, 1e-12)[:, None]).astype(np.float32, copy=False)
     if space == "logits":
         if empty.any():
+            low = min(-_EMPTY_LOGIT, math.log(threshold / (1.0 - threshold)) - _EMPTY_LOGIT)
             for k in range(logits.shape[1]):
-                logits[:, k][empty] = _EMPTY_LOGIT if (mode == "softmax" and k == 0) else -_EMPTY_LOGIT
+                logits[:, k][empty] = _EMPTY_LOGIT if (mode == "softmax" and k == 0) else low
         return logits
     probs = _activate(logits, mode)
     if empty.any():
@@ -691,10 +698,10 @@ def _blended(acc: np.ndarray, w: np.ndarray, mode: str, space: str = "probabilit
 
 
 class RoiMap:
-    """Where a coarse pass found structures: one bit per block of ``block`` voxels of the padded grid.
+    """Where a coarse pass found structures: one flag per block of ``block`` voxels of the padded grid.
 
-    Blocks keep the map a few hundred kB for any scan (a voxel mask would grow with the scan and
-    break the memory bound); a window is run when any marked block lies within ``margin`` voxels.
+    Blocks keep the map small (about 1 MB for a whole-body scan at 0.8 mm; a voxel mask would be 512
+    times larger); a window is run when any marked block lies within ``margin`` voxels.
     """
 
     def __init__(self, padded_shape: Sequence[int], block: int = 8) -> None:
@@ -903,7 +910,7 @@ class _Finaliser:
             r0, r1 = max(self.done_to - before, 0), min(p1 - before, n_res)
             if r1 > r0:
                 sel = slice(r0 + before - self.done_to, r1 + before - self.done_to)
-                probs = _blended(acc[sel], w[sel], self.mode, self.restorer.space)
+                probs = _blended(acc[sel], w[sel], self.mode, self.restorer.space, self.restorer.threshold)
                 self.restorer.push(r0, np.ascontiguousarray(probs[(slice(None), slice(None), *inner)]))
             self.done_to = p1
 

@@ -209,7 +209,6 @@ def write_combined_labels(pred: Volume, plan: Plan, out_dir: Path, case: str, *,
     ``<case>_labels.json`` naming the values and the overlap rule."""
     from medseg.io import save_label_map
 
-    path = save_label_map(pred.with_array(combined_label_map(pred.array)), out_dir / f"{case}_labels{ext}")
     side = out_dir / f"{case}_labels.json"
     info = {
         "labels": {str(k + 1): name for k, name in enumerate(plan.structure_names)},
@@ -217,8 +216,9 @@ def write_combined_labels(pred: Volume, plan: Plan, out_dir: Path, case: str, *,
         "overlap_rule": "where structures overlap, the one with the higher value (listed later) wins; the "
         f"per-structure masks in {case}/ keep every overlap",
     }
-    with atomic_write(side) as tmp:
+    with atomic_write(side) as tmp:  # first: a case counts as done only once the label map exists
         tmp.write_text(json.dumps(info, indent=2))
+    path = save_label_map(pred.with_array(combined_label_map(pred.array)), out_dir / f"{case}_labels{ext}")
     return [path, side]
 
 
@@ -553,6 +553,13 @@ def predict_files(
         rp, ro = Path(p).resolve(), out_dir.resolve()
         if ro == rp.parent or ro == rp or rp in ro.parents and rp.is_dir():
             raise DataError(f"--output {out_dir} is (inside) the input folder of {p}; choose another folder")
+    if batch.combined_labels and (bundle.plan.mode != "sigmoid" or batch.output_format == "dicom-seg"):
+        logger.warning(
+            "--combined-labels: ignored (%s)",
+            "the model's classes are exclusive: its label map is already combined"
+            if bundle.plan.mode != "sigmoid"
+            else "it is written with --format nifti or both",
+        )
     cases = group_inputs(inputs, bundle.plan.in_channels)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, failures = [], []

@@ -212,6 +212,31 @@ def test_logit_resampling_saves_probabilities_that_match_the_labels():
         EngineOptions(resample="labels")
 
 
+def test_uncovered_voxels_stay_background_at_any_threshold_in_logit_space():
+    """Voxels only skipped windows cover are background, even with a threshold below their
+    placeholder logit (sigmoid(-20) = 2e-9)."""
+    plan = _plan("sigmoid", patch=(8, 8, 4))
+    plan = Plan(**{**plan.__dict__, "body_threshold": -500.0})
+    img = np.full((1, 40, 40, 16), -1000, np.int16)
+    img[0, 2:8, 2:8, 2:6] = 100
+    vol = Volume(img, np.eye(4))
+    for space in ("probabilities", "logits"):
+        opts = EngineOptions(resample=space, threshold=1e-12)
+        out = segment(vol, plan, _Pointwise("sigmoid"), "cpu", opts)
+        assert out[0, 2:8, 2:8, 2:6].all()  # tissue: logit -5 > logit(1e-12)
+        assert not out[:, 24:, 24:, :].any(), space  # far air: no window ran there
+
+
+def test_float16_accumulator_changes_only_near_ties():
+    plan = _plan("softmax", spacing=(1.3, 1.1, 1.9), patch=(16, 16, 8), crop=True)
+    vol = _ct((37, 29, 23), _affine_lps())
+    net = _conv_net(plan.out_channels)
+    a = segment(vol, plan, net, "cpu", EngineOptions(skip_air=False))
+    b = segment(vol, plan, net, "cpu", EngineOptions(skip_air=False, accumulator_dtype="float16"))
+    assert a.shape == b.shape and b.dtype == a.dtype and b.any()
+    assert np.mean(a != b) < 2e-3
+
+
 def test_accumulator_does_not_grow_with_the_scan():
     plan = _plan("softmax", patch=(8, 8, 4))
     net = _conv_net(plan.out_channels)
