@@ -25,6 +25,7 @@ the CPU. Conventions the training loop follows:
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import logging
 import os
@@ -183,9 +184,17 @@ def distributed(device: str = "auto") -> Iterator[DistContext]:
         torch.cuda.set_device(dev)
     dist.init_process_group(backend=backend, timeout=timeout())
     logger.debug("rank %d/%d joined the %s process group", ctx.rank, ctx.world_size, backend)
+    finished = False
     try:
         yield ctx
+        finished = True
     finally:
+        # DDP wrappers hold the group and sit in reference cycles: free them now, and let every
+        # process finish its last collective, so the group is not torn down by the interpreter's
+        # shutdown, where gloo can abort the process ("terminate called without an active exception").
+        gc.collect()
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -9,12 +9,12 @@ tested on their own with a small script under ``torchrun``.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,7 +32,6 @@ from medseg.training.distributed import (
     timeout,
 )
 
-CONFIGS = Path(__file__).parents[2] / "configs"
 TINY_CT = [
     "model.channels=[4,8,16]",
     "train.patch_size=[32,32,16]",
@@ -51,19 +50,6 @@ def _torchrun(args: list[str], timeout_s: float = 240) -> subprocess.CompletedPr
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDSEG_DDP_TIMEOUT_MIN": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
-
-
-def _train_args(data: Path, cache: Path, run: Path, epochs: int) -> list[str]:
-    out = ["train", "--config", str(CONFIGS / "demo_ct.yaml"), "--run-dir", str(run), "--no-progress"]
-    out += ["--device", "cpu"]
-    for s in [f"data.root={data}", f"train.cache_dir={cache}", f"train.epochs={epochs}", *TINY_CT]:
-        out += ["--set", s]
-    return out
-
-
-def _rows(run: Path) -> list[dict[str, str]]:
-    with open(run / "metrics.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +108,7 @@ with distributed("cpu") as ctx:
         "gathered": ctx.all_gather_object(10 * ctx.rank), "bcast": ctx.broadcast_object(f"from {ctx.rank}"),
         "inside": dist.is_initialized(),
     }
+    del ddp  # as the training loop's DDP model is gone when its function returns
 res["after_exit"] = dist.is_initialized()
 with open(f"{sys.argv[1]}/rank{res['rank']}.json", "w") as fh:
     json.dump(res, fh)
@@ -145,7 +132,7 @@ def test_collectives_and_weight_sync_check_under_torchrun(tmp_path: Path) -> Non
 
 
 def test_torchrun_two_processes_write_one_bundle_and_resume_in_one(
-    ct: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+    ct: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, train_args: Any, metrics_rows: Any
 ) -> None:
     from medseg.config import load_config
     from medseg.data.datasets import load_dataset
@@ -155,7 +142,9 @@ def test_torchrun_two_processes_write_one_bundle_and_resume_in_one(
     from medseg.training.loop import split_validation, validate
 
     run = tmp_path / "run"
-    out = _torchrun(["-m", "medseg", *_train_args(ct["data"], ct["cache"], run, epochs=2)])
+    out = _torchrun(
+        ["-m", "medseg", *train_args("demo_ct.yaml", ct["data"], ct["cache"], run, TINY_CT, epochs=2)]
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     log = out.stderr
     assert "DDP: 2 processes (gloo), batch 2 per process = 4 in all" in log
@@ -168,7 +157,7 @@ def test_torchrun_two_processes_write_one_bundle_and_resume_in_one(
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one writer
     text = (run / "metrics.csv").read_text()
     assert sum(line.startswith("epoch,") for line in text.splitlines()) == 1
-    rows = _rows(run)
+    rows = metrics_rows(run)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert json.loads((run / "env.json").read_text())["world_size"] == 2
     assert not list(run.rglob(".*tmp-*"))  # no temporary files left behind
@@ -204,16 +193,18 @@ def test_torchrun_two_processes_write_one_bundle_and_resume_in_one(
     assert main(["train", "--run-dir", str(run), "--resume", "--no-progress", "--set", "train.epochs=3"]) == 0
     err = capsys.readouterr().err
     assert "written by 2 process(es) with 1" in err
-    assert [r["epoch"] for r in _rows(run)] == ["1", "2", "3"]
+    assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2", "3"]
     assert json.loads((run / "env.json").read_text())["world_size"] == 1
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert ck["epoch"] == 3 and ck["world_size"] == 1 and "rng_ranks" not in ck
 
 
 @pytest.mark.slow
-def test_single_process_run_resumes_under_torchrun(ct: dict[str, Path], tmp_path: Path) -> None:
+def test_single_process_run_resumes_under_torchrun(
+    ct: dict[str, Path], tmp_path: Path, train_args: Any, metrics_rows: Any
+) -> None:
     run = tmp_path / "run"
-    assert main(_train_args(ct["data"], ct["cache"], run, epochs=1)) == 0
+    assert main(train_args("demo_ct.yaml", ct["data"], ct["cache"], run, TINY_CT, epochs=1)) == 0
     exe = str(Path(sys.executable).parent / "medseg")  # the console script works under torchrun too
     out = _torchrun(
         [exe, "train", "--run-dir", str(run), "--resume", "--no-progress", "--set", "train.epochs=2"]
@@ -221,6 +212,6 @@ def test_single_process_run_resumes_under_torchrun(ct: dict[str, Path], tmp_path
     assert out.returncode == 0, out.stderr[-3000:]
     assert "written by 1 process(es) with 2" in out.stderr
     assert "DDP: model weights identical on all 2 processes" in out.stderr
-    assert [r["epoch"] for r in _rows(run)] == ["1", "2"]
+    assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2"]
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert ck["epoch"] == 2 and ck["world_size"] == 2

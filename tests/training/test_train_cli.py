@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -10,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,8 +18,6 @@ import torch
 from medseg.cli.main import main
 from medseg.data.synthetic import synth_ct
 from medseg.data.synthetic_cxr import synth_chest_xray
-
-CONFIGS = Path(__file__).parents[2] / "configs"
 
 TINY_CT = [
     "model.channels=[4,8,16]",
@@ -47,32 +45,13 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def _args(config: str, data: Path, cache: Path, run: Path, extra: list[str], epochs: int = 2) -> list[str]:
-    out = [
-        "train",
-        "--config",
-        str(CONFIGS / config),
-        "--run-dir",
-        str(run),
-        "--no-progress",
-        "--device",
-        "cpu",
-    ]
-    for s in [f"data.root={data}", f"train.cache_dir={cache}", f"train.epochs={epochs}", *extra]:
-        out += ["--set", s]
-    return out
-
-
-def _rows(run: Path) -> list[dict[str, str]]:
-    with open(run / "metrics.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 @pytest.mark.parametrize("mode", ["ct", "cxr"])
-def test_train_two_epochs_writes_a_model_bundle(phantoms: dict[str, Path], tmp_path: Path, mode: str) -> None:
+def test_train_two_epochs_writes_a_model_bundle(
+    phantoms: dict[str, Path], tmp_path: Path, mode: str, train_args: Any, metrics_rows: Any
+) -> None:
     config, extra = ("demo_ct.yaml", TINY_CT) if mode == "ct" else ("demo_chest_xray.yaml", TINY_CXR)
     run = tmp_path / "run"
-    assert main(_args(config, phantoms[mode], phantoms["cache"], run, extra)) == 0
+    assert main(train_args(config, phantoms[mode], phantoms["cache"], run, extra)) == 0
     for name in (
         "config.yaml",
         "plan.json",
@@ -87,7 +66,7 @@ def test_train_two_epochs_writes_a_model_bundle(phantoms: dict[str, Path], tmp_p
     plan = json.loads((run / "plan.json").read_text())
     env = json.loads((run / "env.json").read_text())
     assert env["device"] == "cpu" and len(env["config_hash"]) == 16
-    rows = _rows(run)
+    rows = metrics_rows(run)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     structures = plan["structure_names"]
     assert {"epoch", "train_loss", "val_mean_dice", *[f"val_dice_{s}" for s in structures]} <= set(rows[0])
@@ -113,38 +92,49 @@ def test_train_two_epochs_writes_a_model_bundle(phantoms: dict[str, Path], tmp_p
 
 
 def test_refuses_existing_run_without_resume(
-    phantoms: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+    phantoms: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    train_args: Any,
+    metrics_rows: Any,
 ) -> None:
     run = tmp_path / "run"
     assert (
-        main(_args("demo_chest_xray.yaml", phantoms["cxr"], phantoms["cache"], run, TINY_CXR, epochs=1)) == 0
+        main(train_args("demo_chest_xray.yaml", phantoms["cxr"], phantoms["cache"], run, TINY_CXR, epochs=1))
+        == 0
     )
     capsys.readouterr()
     assert (
-        main(_args("demo_chest_xray.yaml", phantoms["cxr"], phantoms["cache"], run, TINY_CXR, epochs=1)) == 2
+        main(train_args("demo_chest_xray.yaml", phantoms["cxr"], phantoms["cache"], run, TINY_CXR, epochs=1))
+        == 2
     )
     assert "--resume" in capsys.readouterr().err
     # a finished run can be extended
     assert main(["train", "--run-dir", str(run), "--resume", "--no-progress", "--set", "train.epochs=2"]) == 0
-    assert [r["epoch"] for r in _rows(run)] == ["1", "2"]
+    assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2"]
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(phantoms: dict[str, Path], tmp_path: Path) -> None:
+def test_resume_after_sigkill_matches_uninterrupted_run(
+    phantoms: dict[str, Path], tmp_path: Path, train_args: Any, metrics_rows: Any
+) -> None:
     """Kill training mid-epoch with SIGKILL, resume: same epochs, no lost or doubled rows, and (CPU is
     deterministic) the same losses as a run that was never interrupted."""
     exe = [sys.executable, "-m", "medseg.cli.main"]
     extra = [*TINY_CXR, "train.iterations_per_epoch=12", "train.val_every=1"]
     ref = tmp_path / "ref"
-    assert main(_args("demo_chest_xray.yaml", phantoms["cxr"], phantoms["cache"], ref, extra, epochs=3)) == 0
+    assert (
+        main(train_args("demo_chest_xray.yaml", phantoms["cxr"], phantoms["cache"], ref, extra, epochs=3))
+        == 0
+    )
 
     run = tmp_path / "killed"
-    args = _args("demo_chest_xray.yaml", phantoms["cxr"], phantoms["cache"], run, extra, epochs=3)
+    args = train_args("demo_chest_xray.yaml", phantoms["cxr"], phantoms["cache"], run, extra, epochs=3)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([*exe, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
     try:
         while time.time() < deadline:
-            if (run / "metrics.csv").exists() and len(_rows(run)) >= 1:
+            if (run / "metrics.csv").exists() and len(metrics_rows(run)) >= 1:
                 break
             time.sleep(0.05)
         else:
@@ -155,7 +145,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(phantoms: dict[str, Path
     finally:
         if proc.poll() is None:
             proc.kill()
-    done = len(_rows(run))
+    done = len(metrics_rows(run))
     assert done < 3, "the run finished before it could be killed; make the epochs longer"
     out = subprocess.run(
         [*exe, "train", "--run-dir", str(run), "--resume", "--no-progress"],
@@ -165,7 +155,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(phantoms: dict[str, Path
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    rows, ref_rows = _rows(run), _rows(ref)
+    rows, ref_rows = metrics_rows(run), metrics_rows(ref)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     for a, b in zip(rows, ref_rows, strict=True):
         assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-5)
@@ -173,11 +163,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(phantoms: dict[str, Path
 
 
 def test_resume_with_a_different_model_is_refused(
-    phantoms: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+    phantoms: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, train_args: Any
 ) -> None:
     run = tmp_path / "run"
     assert (
-        main(_args("demo_chest_xray.yaml", phantoms["cxr"], phantoms["cache"], run, TINY_CXR, epochs=1)) == 0
+        main(train_args("demo_chest_xray.yaml", phantoms["cxr"], phantoms["cache"], run, TINY_CXR, epochs=1))
+        == 0
     )
     capsys.readouterr()
     code = main(
@@ -188,17 +179,19 @@ def test_resume_with_a_different_model_is_refused(
 
 
 @pytest.mark.gpu
-def test_train_and_predict_on_cuda_with_amp(phantoms: dict[str, Path], tmp_path: Path) -> None:
+def test_train_and_predict_on_cuda_with_amp(
+    phantoms: dict[str, Path], tmp_path: Path, train_args: Any, metrics_rows: Any
+) -> None:
     """On a GPU: two AMP epochs on CUDA give a bundle that predicts on CUDA with the input's grid."""
     from medseg.io import load_volume
 
     run = tmp_path / "run"
-    args = _args("demo_ct.yaml", phantoms["ct"], phantoms["cache"], run, TINY_CT)
+    args = train_args("demo_ct.yaml", phantoms["ct"], phantoms["cache"], run, TINY_CT)
     args[args.index("--device") + 1] = "cuda"
     assert main([*args, "--set", "train.amp=true"]) == 0
     env = json.loads((run / "env.json").read_text())
     assert "cuda" in json.dumps(env)
-    rows = _rows(run)
+    rows = metrics_rows(run)
     assert len(rows) == 2 and all(np.isfinite(float(r["train_loss"])) for r in rows)
     scan = sorted((phantoms["ct"] / "imagesTr").glob("*.nii.gz"))[0]
     out = tmp_path / "pred"
