@@ -69,8 +69,9 @@ class EngineOptions:
         coarse_roi: First run non-overlapping windows over the scan (on large 3D scans at overlap 0.5
             about an eighth as many as the overlapping ones; on small scans a third or more), then
             run the overlapping windows only where that pass found a structure within a quarter
-            patch; the others are background. Saves time when the structures fill a small part of
-            the scan (one organ in a whole-body CT); costs it when they fill most of it.
+            patch; the others are background. Can save time when the structures fill a small part
+            of the scan (one organ in a whole-body CT) and the raw output has no scattered false
+            positives (every blob is marked); costs time when they fill most of it.
         resample: What is resampled linearly to the input's grid when the spacing changed, before the
             decision: ``probabilities`` (softmax/sigmoid outputs, the default) or ``logits`` (the
             blended network outputs, as nnU-Net v2 exports; the decision is then argmax / ``logit >
