@@ -738,13 +738,20 @@ def coarse_pass(
     plan: Plan,
     opts: EngineOptions,
     air: float | None,
+    single: frozenset[str] = frozenset(),
 ) -> tuple[RoiMap, int]:
-    """Run non-overlapping windows (no blending) and mark where any structure is predicted.
+    """Run non-overlapping windows (no blending) and mark where each structure is predicted.
 
-    Returns the map and the number of windows run. Softmax models mark voxels whose argmax is not
-    background; sigmoid models voxels where any structure passes ``opts.threshold``.
+    Softmax models mark voxels whose argmax is the structure; sigmoid models voxels where it passes
+    ``opts.threshold``. For structures named in ``single`` (one connected object, e.g. the liver)
+    only the largest connected group of marked blocks is kept, so scattered false-positive blobs of
+    a raw output do not pull the whole scan into the region of interest. Returns the union of the
+    structures' maps and the number of windows run.
     """
-    roi = RoiMap(padded)
+    from scipy import ndimage
+
+    names = plan.structure_names
+    maps = [RoiMap(padded) for _ in names]
     cut = math.log(opts.threshold / (1.0 - opts.threshold))
     batch: list[tuple[tuple[slice, ...], np.ndarray]] = []
     run = 0
@@ -753,7 +760,11 @@ def coarse_pass(
         nonlocal run
         if batch:
             for (w, _), logits in zip(batch, runner(np.stack([x for _, x in batch])), strict=True):
-                roi.mark(w, logits.argmax(0) > 0 if plan.mode == "softmax" else (logits > cut).any(0))
+                hits = logits.argmax(0) if plan.mode == "softmax" else logits > cut
+                for k, m in enumerate(maps):
+                    fg = hits == k + 1 if plan.mode == "softmax" else hits[k]
+                    if fg.any():
+                        m.mark(w, fg)
             run += len(batch)
             batch.clear()
 
@@ -764,6 +775,14 @@ def coarse_pass(
         if len(batch) == opts.batch_size:
             flush()
     flush()
+    roi = RoiMap(padded)
+    for name, m in zip(names, maps, strict=True):
+        if name in single and m.fg.any():
+            comp, n = ndimage.label(m.fg, structure=np.ones((3,) * m.fg.ndim, bool))
+            if n > 1:
+                sizes = np.bincount(comp.ravel())[1:]
+                m.fg = comp == 1 + int(np.argmax(sizes))
+        roi.fg |= m.fg
     return roi, run
 
 
@@ -787,12 +806,14 @@ def segment(
     *,
     sink: ProbabilitySink | None = None,
     stats: EngineStats | None = None,
+    single: frozenset[str] = frozenset(),
 ) -> np.ndarray:
     """Labels of ``image`` on exactly its grid: ``(1, *shape)`` label values (softmax models) or
     ``(S, *shape)`` 0/1 masks (sigmoid models), in the input's storage order.
 
     ``sink`` receives the probabilities of each finalised block of canonical crop rows (e.g. to save
-    them); ``stats`` is filled with window counts and the accumulator size.
+    them); ``stats`` is filled with window counts and the accumulator size; ``single`` names the
+    structures that are one connected object (the coarse pass keeps their largest component).
     """
     from monai.data.utils import compute_importance_map
     from tqdm.auto import tqdm
@@ -842,7 +863,7 @@ def segment(
     if opts.coarse_roi:
         coarse_runner = _Runner(model, device, plan, tta=False)
         roi, stats.coarse_windows_run = coarse_pass(
-            LazyInput(src, layout, norms, cval), padded, patch, coarse_runner, plan, opts, air
+            LazyInput(src, layout, norms, cval), padded, patch, coarse_runner, plan, opts, air, single
         )
     lazy = LazyInput(src, layout, norms, cval)
 

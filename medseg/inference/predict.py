@@ -139,8 +139,11 @@ def predict_volume(
     source = image
     if bundle.plan.spatial_dims == 2:
         image = squeeze_2d(image)
-    labels = segment(image, bundle.plan, bundle.model, bundle.device, opts, sink=sink, stats=stats)
-    plan, pp = bundle.plan, bundle.postprocessing
+    pp = bundle.postprocessing
+    labels = segment(
+        image, bundle.plan, bundle.model, bundle.device, opts, sink=sink, stats=stats, single=pp.single
+    )
+    plan = bundle.plan
     if pp.active:
         if plan.mode == "softmax":
             labels = postprocess_label_map(

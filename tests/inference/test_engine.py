@@ -328,6 +328,27 @@ def test_coarse_roi_runs_fewer_windows_and_keeps_the_labels(mode):
     assert roi.windows_run + roi.coarse_windows_run < full.windows_run / 2
 
 
+def test_coarse_roi_keeps_the_largest_component_of_single_structures():
+    """A stray blob far from the organ pulls its windows into the ROI unless the structure is declared
+    single; then only the organ's windows run and the organ's labels stay exact."""
+    plan = _plan("softmax", patch=(8, 8, 4))
+    img = np.zeros((1, 48, 48, 32), np.int16)
+    img[0, 4:14, 4:14, 2:10] = 200  # the organ ("left")
+    img[0, 40:42, 40:42, 26:28] = 200  # a stray blob of the same class, far away
+    vol = Volume(img, np.eye(4))
+    plain, one = EngineStats(), EngineStats()
+    net, opts = _Pointwise("softmax"), EngineOptions(coarse_roi=True)
+    a = segment(vol, plan, net, "cpu", opts, stats=plain)
+    b = segment(vol, plan, net, "cpu", opts, stats=one, single=frozenset({"left"}))
+    assert one.windows_run < plain.windows_run
+    np.testing.assert_array_equal(b[0, :24, :24, :16], a[0, :24, :24, :16])  # the organ is untouched
+    assert (b == 1).sum() == 10 * 10 * 8  # the stray blob's windows were not run: background
+    assert (a == 1).sum() == 10 * 10 * 8 + 2 * 2 * 2
+    # a structure not declared single keeps every blob
+    c = segment(vol, plan, net, "cpu", opts, single=frozenset({"right"}))
+    np.testing.assert_array_equal(c, a)
+
+
 def test_coarse_roi_on_a_scan_without_structures_runs_only_the_coarse_pass():
     plan = _plan("softmax", patch=(8, 8, 4))
     vol = Volume(np.zeros((1, 24, 16, 12), np.int16), np.eye(4))
