@@ -319,29 +319,27 @@ def make_plan(
         memory = TrainingMemory(cfg, in_channels=fp.in_channels, spacing_mm=spacing)
     if cfg.train.patch_size is not None:
         patch = tuple(int(p) for p in cfg.train.patch_size)
-        est = memory.estimate(patch)
-        if est.total_bytes > budget:
-            logger.warning(
-                "train.patch_size %s needs about %.2f GB per training step, more than train.memory_gb = "
-                "%g GB; it is used as given (lower train.batch_size or the patch, or raise "
-                "train.memory_gb, if training runs out of memory)",
-                list(patch),
-                est.total_gb,
-                cfg.train.memory_gb,
-            )
-        est_bytes = est.total_bytes
     else:
-        patch, est_bytes = plan_patch_size(
+        patch, _ = plan_patch_size(
             median_shape,
             _patch_divisor(cfg, divisor),
             lambda p: memory.estimate(p).total_bytes,
             budget,
             spacing=spacing,
         )
+    est = memory.estimate(patch)
+    est_bytes = est.total_bytes
+    if est_bytes > budget:  # only a patch given in the config can exceed the budget
+        logger.warning(
+            "train.patch_size %s needs about %.2f GB per training step, more than train.memory_gb = "
+            "%g GB; it is used as given (lower train.batch_size or the patch, or raise "
+            "train.memory_gb, if training runs out of memory)",
+            list(patch),
+            est.total_gb,
+            cfg.train.memory_gb,
+        )
     logger.info(
-        "training memory estimate: %s; budget train.memory_gb = %g GB",
-        memory.estimate(patch).describe(),
-        cfg.train.memory_gb,
+        "training memory estimate: %s; budget train.memory_gb = %g GB", est.describe(), cfg.train.memory_gb
     )
     norms = []
     for c in range(fp.in_channels):

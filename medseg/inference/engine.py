@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -316,9 +316,32 @@ def plan_layout(image: Any, plan: Plan) -> tuple[Layout, CanonicalSlabs]:
     return layout, src
 
 
-def fixed_normalization(norm: ChannelNorm, chunks: Iterable[np.ndarray]) -> ChannelNorm:
-    """A per-image z-score turned into a fixed affine map, with statistics taken slab-wise from
-    ``chunks`` (arrays covering the cropped, not resampled, channel); CT normalisation is returned
+def channel_stats(
+    src: CanonicalSlabs, inplane: Sequence[slice], z: slice, zscore: Sequence[bool]
+) -> tuple[list[float], list[float], list[float]]:
+    """Minimum of every channel of the cropped (not resampled) scan, and mean and std of the channels
+    flagged in ``zscore`` (others: 0 and 1), in one slab-wise pass over the scan."""
+    lo = [math.inf] * src.channels
+    total, total_sq, n = [0.0] * src.channels, [0.0] * src.channels, 0
+    for _, slab in src.slabs(inplane, z):
+        for c in range(src.channels):
+            lo[c] = min(lo[c], float(slab[c].min()))
+            if zscore[c]:
+                v = np.asarray(slab[c], np.float64)
+                total[c] += float(v.sum())
+                total_sq[c] += float((v * v).sum())
+        n += slab[0].size
+    means = [t / max(n, 1) for t in total]
+    stds = [
+        math.sqrt(max(q / max(n, 1) - m * m, 0.0)) if zs else 1.0
+        for q, m, zs in zip(total_sq, means, zscore, strict=True)
+    ]
+    return lo, means, stds
+
+
+def fixed_normalization(norm: ChannelNorm, mean: float, std: float) -> ChannelNorm:
+    """A per-image z-score turned into a fixed affine map with the image's ``mean`` and ``std``
+    (:func:`channel_stats` of the cropped, not resampled, channel); CT normalisation is returned
     unchanged.
 
     Lazy preprocessing needs the statistics before the first slab is made. Linear resampling
@@ -327,14 +350,6 @@ def fixed_normalization(norm: ChannelNorm, chunks: Iterable[np.ndarray]) -> Chan
     """
     if norm.scheme == "ct":
         return norm
-    total, total_sq, n = 0.0, 0.0, 0
-    for chunk in chunks:
-        c = np.asarray(chunk, np.float64)
-        total += float(c.sum())
-        total_sq += float((c * c).sum())
-        n += c.size
-    mean = total / max(n, 1)
-    std = math.sqrt(max(total_sq / max(n, 1) - mean * mean, 0.0))
     return ChannelNorm("ct", -math.inf, math.inf, mean, std)
 
 
@@ -466,7 +481,7 @@ class Restorer:
             lab = self.lut[_argmax_channels(values)]  # (n, *inplane)
             self.out[(0, *inplane, slice(c0 + z0, c0 + z1))] = np.moveaxis(lab, 0, -1)
         else:
-            cut = math.log(self.threshold / (1.0 - self.threshold)) if logits else self.threshold
+            cut = _logit(self.threshold) if logits else self.threshold
             masks = (values >= cut).astype(self.out.dtype)  # (n, S, *inplane)
             self.out[(slice(None), *inplane, slice(c0 + z0, c0 + z1))] = np.moveaxis(masks, 0, -1)
 
@@ -665,6 +680,11 @@ class Accumulator:
         return acc, w
 
 
+def _logit(p: float) -> float:
+    """``log(p / (1 - p))``: a sigmoid threshold on probabilities as a threshold on logits."""
+    return math.log(p / (1.0 - p))
+
+
 _EMPTY_LOGIT = 20.0
 """Logit magnitude given to voxels no window covered (skipped): background, p(other) ~ 2e-9."""
 
@@ -687,7 +707,7 @@ def _blended(
     logits = (acc / np.maximum(w, 1e-12)[:, None]).astype(np.float32, copy=False)
     if space == "logits":
         if empty.any():
-            low = min(-_EMPTY_LOGIT, math.log(threshold / (1.0 - threshold)) - _EMPTY_LOGIT)
+            low = min(-_EMPTY_LOGIT, _logit(threshold) - _EMPTY_LOGIT)
             for k in range(logits.shape[1]):
                 logits[:, k][empty] = _EMPTY_LOGIT if (mode == "softmax" and k == 0) else low
         return logits
@@ -752,7 +772,7 @@ def coarse_pass(
 
     names = plan.structure_names
     maps = [RoiMap(padded) for _ in names]
-    cut = math.log(opts.threshold / (1.0 - opts.threshold))
+    cut = _logit(opts.threshold)
     batch: list[tuple[tuple[slice, ...], np.ndarray]] = []
     run = 0
 
@@ -830,11 +850,8 @@ def segment(
         )
     layout, src = plan_layout(image, plan)
     inplane, zc = layout.crop[:-1], layout.crop[-1]
-    norms = [
-        fixed_normalization(n, (s[c] for _, s in src.slabs(inplane, zc)))
-        for c, n in enumerate(plan.normalization)
-    ]
-    lowest = [min(float(s[c].min()) for _, s in src.slabs(inplane, zc)) for c in range(src.channels)]
+    lowest, means, stds = channel_stats(src, inplane, zc, [n.scheme != "ct" for n in plan.normalization])
+    norms = [fixed_normalization(*a) for a in zip(plan.normalization, means, stds, strict=True)]
     cval = min(float(n.apply(np.array([lo], np.float32))[0]) for lo, n in zip(lowest, norms, strict=True))
     air = None
     if opts.skip_air and plan.body_threshold is not None:

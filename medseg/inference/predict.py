@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -584,14 +584,7 @@ def predict_files(
         "config_hash": bundle.meta.get("config_hash"),
         "device": str(bundle.device),
         "options": {
-            "overlap": opts.overlap,
-            "batch_size": opts.batch_size,
-            "tta": opts.tta,
-            "skip_air": opts.skip_air,
-            "coarse_roi": opts.coarse_roi,
-            "resample": opts.resample,
-            "accumulator_dtype": opts.accumulator_dtype,
-            "threshold": opts.threshold,
+            **{k: v for k, v in asdict(opts).items() if k != "progress"},
             "format": batch.output_format,
             "save_probabilities": batch.save_probabilities,
             "report": batch.report,

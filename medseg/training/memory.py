@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from medseg.config import Config
+from medseg.data.plan import GB  # bytes per "GB" of train.memory_gb (GiB)
 from medseg.errors import ConfigError
 
 __all__ = [
@@ -70,9 +71,6 @@ __all__ = [
 
 CUDA_OVERHEAD_BYTES = 1 << 30
 """Fixed device memory on CUDA besides tensors: context, cuDNN workspaces, allocator slack (1 GiB)."""
-
-GB = 1 << 30
-"""Bytes per "GB" in ``train.memory_gb`` (GiB, as ``medseg predict --max-memory``)."""
 
 
 def trains_on_cuda(device: str) -> bool:
