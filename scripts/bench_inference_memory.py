@@ -3,8 +3,12 @@
 Each measurement runs in its own child process (this script with ``--child``), started from one run
 of this script with the same environment, and reports its own peak RSS (``ru_maxrss``) and time:
 
-- ``medseg``: the real user path, :func:`medseg.inference.predict.predict_files` (read NIfTI ->
-  slab-wise engine -> write NIfTI), on 512×512×Z synthetic body phantoms (0.8×0.8×1 mm, int16);
+- ``medseg``: the real user path, :func:`medseg.inference.predict.predict_files` (read the scan block
+  by block -> slab-wise engine -> write NIfTI), on 512×512×Z synthetic body phantoms (0.8×0.8×1 mm,
+  int16) stored as ``--inputs``: an axial NIfTI (``nifti``), a DICOM series of Z files (``dicom``), or
+  a NIfTI stored sagittally, left-right as its last axis (``sagittal``);
+- ``medseg loaded`` (``--loaded``): the same with the scan loaded whole first (the reader's block
+  access switched off in this script), to show what streaming saves;
 - ``monai one-shot``: the same preprocessing, MONAI ``sliding_window_inference`` over the whole
   preprocessed image, softmax and full-volume restoration (what a straightforward pipeline does).
 
@@ -61,10 +65,14 @@ def make_run(run: Path, classes: int, spacing: float, patch: tuple[int, int, int
     )
 
 
-def make_scan(path: Path, z: int) -> None:
-    """512×512×z int16 phantom: an elliptic body (soft tissue + noise) with denser blobs, in air."""
+def make_scan(path: Path, z: int, fmt: str) -> None:
+    """512×512×z int16 phantom: an elliptic body (soft tissue + noise) with denser blobs, in air,
+    written as ``fmt`` (see the module docstring)."""
     import nibabel as nib
     import numpy as np
+
+    from medseg.io.dicom_write import write_dicom_series
+    from medseg.types import Volume
 
     rng = np.random.default_rng(z)
     x, y = np.meshgrid(np.arange(512), np.arange(512), indexing="ij")
@@ -75,13 +83,25 @@ def make_scan(path: Path, z: int) -> None:
         sl[body] = 40 + rng.integers(-30, 30, int(body.sum()), dtype=np.int16)
         r = 60 + 25 * np.sin(k / 40.0)
         sl[((x - 220) ** 2 + (y - 250) ** 2) < r * r] = 150
-    nib.save(nib.Nifti1Image(arr, np.diag([0.8, 0.8, 1.0, 1.0])), str(path))
+    affine = np.diag([0.8, 0.8, 1.0, 1.0])
+    if fmt == "dicom":
+        write_dicom_series(Volume(arr[None], affine), path)
+    elif fmt == "sagittal":  # stored (A, S, R): the slab axis S is the second stored axis
+        nib.save(
+            nib.Nifti1Image(np.asfortranarray(arr.transpose(1, 2, 0)), affine[:, [1, 2, 0, 3]]), str(path)
+        )
+    else:
+        nib.save(nib.Nifti1Image(arr, affine), str(path))
 
 
 def child(kind: str, run: Path, scan: Path, out: Path) -> dict:
     t0 = time.perf_counter()
-    if kind == "medseg":
+    if kind.startswith("medseg"):
+        import medseg.inference.predict
         from medseg.inference.predict import BatchOptions, predict_files
+
+        if kind == "medseg loaded":
+            medseg.inference.predict._open_streaming = lambda *a: None
 
         m = predict_files(run, [scan], out, device="cpu", batch=BatchOptions(progress=False, overwrite=True))
         if m["failures"]:
@@ -129,6 +149,10 @@ def main() -> None:
     ap.add_argument("--spacing", type=float, default=1.5, help="in-plane target spacing of the plan (mm)")
     ap.add_argument("--patch", type=int, nargs=3, default=[96, 96, 48])
     ap.add_argument("--no-monai", action="store_true", help="skip the one-shot MONAI comparison")
+    ap.add_argument(
+        "--inputs", nargs="+", choices=["nifti", "dicom", "sagittal"], default=["nifti"], help="input storage"
+    )
+    ap.add_argument("--loaded", action="store_true", help="also run medseg with the scan loaded whole")
     ap.add_argument("--workdir", type=Path, help="where scans are written (default: a temp folder)")
     ap.add_argument("--out", type=Path, help="write the markdown table here")
     args = ap.parse_args()
@@ -140,29 +164,36 @@ def main() -> None:
     run = work / "run"
     make_run(run, args.classes, args.spacing, tuple(args.patch))
     rows = []
-    for z in args.slices:
-        scan = work / f"ct_{z}.nii"
-        if not scan.exists():
-            make_scan(scan, z)
-        kinds = ["medseg"] + ([] if args.no_monai else ["monai one-shot"])
-        for kind in kinds:
-            r = measure(kind, run, scan, work / f"out_{kind.split()[0]}_{z}")
-            rows.append({"kind": kind, "slices": z, **r})
-            print(rows[-1], flush=True)
-    base = {r["kind"]: r["peak_rss_mb"] for r in rows if r["slices"] == min(args.slices)}
+    suffix = {"nifti": ".nii", "dicom": "_dicom", "sagittal": "_sagittal.nii"}
+    for fmt in args.inputs:
+        for z in args.slices:
+            scan = work / f"ct_{z}{suffix[fmt]}"
+            if not scan.exists():
+                make_scan(scan, z, fmt)
+            kinds = (
+                ["medseg"]
+                + (["medseg loaded"] if args.loaded else [])
+                + ([] if args.no_monai else ["monai one-shot"])
+            )
+            for kind in kinds:
+                r = measure(kind, run, scan, work / f"out_{kind.replace(' ', '_')}_{fmt}_{z}")
+                rows.append({"kind": kind, "input": fmt, "slices": z, **r})
+                print(rows[-1], flush=True)
+    base = {(r["kind"], r["input"]): r["peak_rss_mb"] for r in rows if r["slices"] == min(args.slices)}
     lines = [
         f"Model: {args.classes} structures + background, monai_unet [8, 16, 32], patch {tuple(args.patch)}, "
-        f"target spacing {args.spacing} mm; scans 512×512×Z int16 at 0.8×0.8×1 mm (uncompressed NIfTI); "
-        f"torch threads {os.cpu_count()} cores.",
+        f"target spacing {args.spacing} mm; scans 512×512×Z int16 at 0.8×0.8×1 mm (uncompressed NIfTI or "
+        f"DICOM); torch threads {os.cpu_count()} cores.",
         "",
-        "| pipeline | slices | seconds | windows run / all | peak RSS (MB) | peak vs shortest |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| pipeline | input | slices | seconds | windows run / all | peak RSS (MB) | peak vs shortest |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         win = f"{r['windows_run']} / {r['windows']}" if "windows" in r else "all"
-        ratio = r["peak_rss_mb"] / base[r["kind"]]
+        ratio = r["peak_rss_mb"] / base[r["kind"], r["input"]]
         lines.append(
-            f"| {r['kind']} | {r['slices']} | {r['seconds']} | {win} | {r['peak_rss_mb']} | {ratio:.2f}× |"
+            f"| {r['kind']} | {r['input']} | {r['slices']} | {r['seconds']} | {win} | {r['peak_rss_mb']} | "
+            f"{ratio:.2f}× |"
         )
     table = "\n".join(lines)
     print(table)

@@ -123,38 +123,37 @@ def oriented_view(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
 class CanonicalSlabs:
     """Slabs along the canonical (RAS) last axis of a scan, from memory or lazily from its file.
 
-    ``image`` is a :class:`~medseg.types.Volume` or any object with the same geometry attributes and
-    a ``read_slab(z0, z1)`` method giving ``(C, X, Y, z1 - z0)`` in storage order (e.g.
-    :class:`medseg.io.nifti.NiftiSlabs`, which never holds the whole scan). A lazily read scan whose
-    storage slice axis is not the canonical one is loaded whole (``image.load()``).
+    ``image`` is a :class:`~medseg.types.Volume` or a 3D object with the same geometry attributes and
+    a ``read_block(index)`` method giving the voxels ``[index]`` (three slices in storage order) as
+    ``(1, nx, ny, nz)`` (:class:`medseg.io.nifti.NiftiSlabs`, :class:`medseg.io.dicom.DicomSlabs`,
+    which never hold the whole scan). A canonical slab is read as the matching box of the stored
+    scan, whichever storage axis is the canonical last one (axial, sagittal or coronal storage).
     """
 
     def __init__(self, image: Any, ornt: np.ndarray, canonical_shape: Sequence[int]) -> None:
         self.ornt = np.asarray(ornt)
-        dims = image.spatial_dims
-        shape = image.spatial_shape
         self.channels = image.num_channels
         self.shape = tuple(int(n) for n in canonical_shape)
-        reader = getattr(image, "read_slab", None)
-        direct = reader is not None and (dims == 2 or int(self.ornt[-1, 0]) == dims - 1)
-        self.reader = reader if direct else None
+        self.stored_shape = tuple(int(n) for n in image.spatial_shape)
+        reader = getattr(image, "read_block", None)
+        self.reader = reader if image.spatial_dims == 3 else None
         self.view = None
         if self.reader is None:
             array = image.array if reader is None else image.load().array
             self.view = oriented_view(array, self.ornt)
-        self.flip = dims == 3 and self.ornt[-1, 1] < 0
-        self.n = shape[-1]
 
     def slab(self, z0: int, z1: int, inplane: Sequence[slice] | None = None) -> np.ndarray:
         """Canonical rows ``z0:z1`` as ``(C, *inplane, z1 - z0)`` (a view when held in memory)."""
         if self.view is not None:
             out = self.view[..., z0:z1]
-        else:
-            s0, s1 = (self.n - z1, self.n - z0) if self.flip else (z0, z1)
-            out = oriented_view(self.reader(s0, s1), self.ornt)
-        if inplane is not None:
-            out = out[(slice(None), *inplane, slice(None))]
-        return out
+            return out if inplane is None else out[(slice(None), *inplane, slice(None))]
+        wanted = [*(inplane or (slice(0, n) for n in self.shape[:-1])), slice(z0, z1)]
+        index = []
+        for (axis, flip), n in zip(self.ornt, self.stored_shape, strict=True):
+            start, stop, _ = wanted[int(axis)].indices(self.shape[int(axis)])
+            want = slice(start, stop)
+            index.append(slice(n - want.stop, n - want.start) if flip < 0 else want)
+        return oriented_view(self.reader(tuple(index)), self.ornt)
 
     def slabs(
         self, inplane: Sequence[slice] | None = None, z: slice | None = None

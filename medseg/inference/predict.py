@@ -435,18 +435,24 @@ def predict_case(
 
 
 def _open_streaming(paths: list[Path], plan: Plan, batch: BatchOptions) -> Any:
-    """A :class:`~medseg.io.nifti.NiftiSlabs` for a single 3D NIfTI input (the scan is then read slab by
-    slab instead of held whole), or None: other inputs, and ``--report`` (which needs the voxels),
-    are loaded."""
+    """A slab reader for a single 3D NIfTI file (:class:`~medseg.io.nifti.NiftiSlabs`) or DICOM series
+    folder (:class:`~medseg.io.dicom.DicomSlabs`), so that the scan is read block by block instead of
+    held whole; None for other inputs and for ``--report`` (which needs the voxels): those are loaded."""
+    from medseg.io._slabs import NotStreamable
+    from medseg.io.dicom import DicomSlabs
     from medseg.io.nifti import NiftiSlabs, is_nifti
 
-    if len(paths) != 1 or plan.spatial_dims != 3 or batch.report or not is_nifti(paths[0]):
+    if len(paths) != 1 or plan.spatial_dims != 3 or batch.report:
+        return None
+    path = paths[0]
+    opener = NiftiSlabs if is_nifti(path) else DicomSlabs if path.is_dir() else None
+    if opener is None:
         return None
     try:
-        return NiftiSlabs(paths[0])
-    except (DataError, OSError) as exc:  # not 3D, unreadable, or no room for the temp file
-        logger.debug("%s: reading whole (%s)", paths[0], exc)
-        return None  # load_volume reads it or gives the proper error
+        return opener(path)
+    except (NotStreamable, OSError) as exc:  # e.g. not 3D, one DICOM file, no room for the temp file
+        logger.debug("%s: reading whole (%s)", path, exc)
+        return None
 
 
 def _predict_loaded(

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import DataError
+from medseg.io._slabs import NotStreamable, RawSlabs
 from medseg.types import Volume
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ __all__ = [
     "DicomSeries",
     "list_dicom_series",
     "read_dicom_series",
+    "DicomSlabs",
     "read_dicom_file",
     "PROJECTION_MODALITIES",
 ]
@@ -78,6 +80,7 @@ TILT_ATOL_MM = 0.02
 ORIENTATION_ATOL = 1e-3
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_COPY_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -561,6 +564,24 @@ def _read_pixels(path: Path, ds: Any) -> np.ndarray:
     return arr
 
 
+def _read_slice(path: Path, ds: Any) -> np.ndarray:
+    """The decoded, rescaled pixels of a single-frame file: ``(Y, X)`` (``(Y, X, C)`` for colour)."""
+    px = _read_pixels(path, ds)
+    if px.shape[0] != 1:
+        raise DataError(f"{path}: expected one frame, SimpleITK decoded {px.shape[0]}")
+    return px[0]
+
+
+def _value_range(values: np.ndarray) -> tuple[float, float]:
+    return (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+
+
+def _integer_dtype(lo: float, hi: float, *, colour: bool = False) -> np.dtype | None:
+    """The smallest of int16, uint16, int32 (uint8 first for colour) that holds ``[lo, hi]``, or None."""
+    candidates = (np.uint8, np.int16, np.uint16, np.int32) if colour else (np.int16, np.uint16, np.int32)
+    return next((np.dtype(t) for t in candidates if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max), None)
+
+
 def _stack_to_volume_array(frames: np.ndarray, integral: bool) -> np.ndarray:
     """``(Z, Y, X[, C])`` SimpleITK frames -> ``(C, X, Y, Z)`` with the output dtype policy:
     integral rescale -> the smallest of int16/uint16/int32 (uint8 for colour) holding the values,
@@ -572,17 +593,8 @@ def _stack_to_volume_array(frames: np.ndarray, integral: bool) -> np.ndarray:
     if integral:
         if np.issubdtype(arr.dtype, np.floating):
             arr = np.rint(arr)
-        lo = arr.min() if arr.size else 0
-        hi = arr.max() if arr.size else 0
-        candidates = (
-            (np.uint8, np.int16, np.uint16, np.int32) if arr.shape[0] > 1 else (np.int16, np.uint16, np.int32)
-        )
-        dtype = next(
-            (np.dtype(t) for t in candidates if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max), None
-        )
-        if dtype is None:
-            dtype = np.dtype(np.float64)
-        arr = arr.astype(dtype, copy=False)
+        dtype = _integer_dtype(*_value_range(arr), colour=arr.shape[0] > 1)
+        arr = arr.astype(dtype or np.float64, copy=False)
     else:
         arr = arr.astype(np.float32, copy=False)
     return np.ascontiguousarray(arr)
@@ -631,6 +643,32 @@ def _meta(ds: Any, *, source: Path, n_slices: int, rescales: Sequence[tuple[floa
 # public readers
 
 
+def _stacked_series(
+    folder: Path, series: DicomSeries, headers: list[Any]
+) -> tuple[list[Path], list[Any], np.ndarray, list[tuple[float, float]]]:
+    """Files and headers of a series of single-frame files in stack order, its affine and the
+    rescale of every slice; refuses what one affine cannot describe (see the module docstring)."""
+    multi = [p.name for p, ds in zip(series.files, headers, strict=True) if _n_frames(ds) > 1]
+    if multi:
+        raise DataError(
+            f"{folder}: the series has {series.n_files} files of which {len(multi)} are multi-frame "
+            f"({', '.join(multi[:3])}{'...' if len(multi) > 3 else ''}); series of several multi-frame "
+            "files are not supported. Read one file with read_dicom_file, or convert with dcm2niix."
+        )
+    shapes = {(int(ds.Rows), int(ds.Columns)) for ds in headers}
+    if len(shapes) > 1:
+        raise DataError(
+            f"{folder}: slices have different matrix sizes (Rows x Columns {sorted(shapes)}); one series "
+            "must have one in-plane grid. The folder may mix several series with the same UID."
+        )
+    planes = [_classic_plane(ds, where=str(p)) for p, ds in zip(series.files, headers, strict=True)]
+    order, affine = _stack_geometry(planes, where=str(folder))
+    files = [series.files[i] for i in order]
+    hdrs = [headers[i] for i in order]
+    rescales = [_rescale(ds) for ds in hdrs]
+    return files, hdrs, affine, rescales
+
+
 def read_dicom_series(folder: str | Path, *, series_uid: str | None = None) -> Volume:
     """Read one DICOM series from a folder into a 3D :class:`~medseg.types.Volume`.
 
@@ -664,30 +702,8 @@ def read_dicom_series(folder: str | Path, *, series_uid: str | None = None) -> V
         return Volume(
             vol.array, vol.affine, {**vol.meta, "source": str(folder), "file": str(series.files[0])}
         )
-    multi = [p.name for p, ds in zip(series.files, headers, strict=True) if _n_frames(ds) > 1]
-    if multi:
-        raise DataError(
-            f"{folder}: the series has {series.n_files} files of which {len(multi)} are multi-frame "
-            f"({', '.join(multi[:3])}{'...' if len(multi) > 3 else ''}); series of several multi-frame "
-            "files are not supported. Read one file with read_dicom_file, or convert with dcm2niix."
-        )
-    shapes = {(int(ds.Rows), int(ds.Columns)) for ds in headers}
-    if len(shapes) > 1:
-        raise DataError(
-            f"{folder}: slices have different matrix sizes (Rows x Columns {sorted(shapes)}); one series "
-            "must have one in-plane grid. The folder may mix several series with the same UID."
-        )
-    planes = [_classic_plane(ds, where=str(p)) for p, ds in zip(series.files, headers, strict=True)]
-    order, affine = _stack_geometry(planes, where=str(folder))
-    files = [series.files[i] for i in order]
-    hdrs = [headers[i] for i in order]
-    rescales = [_rescale(ds) for ds in hdrs]
-    frames = []
-    for path, ds in zip(files, hdrs, strict=True):
-        px = _read_pixels(path, ds)
-        if px.shape[0] != 1:
-            raise DataError(f"{path}: expected one frame, SimpleITK decoded {px.shape[0]}")
-        frames.append(px[0])
+    files, hdrs, affine, rescales = _stacked_series(folder, series, headers)
+    frames = [_read_slice(path, ds) for path, ds in zip(files, hdrs, strict=True)]
     try:
         stacked = np.stack(frames)
     except ValueError as exc:  # decoded sizes disagree with the headers
@@ -695,6 +711,93 @@ def read_dicom_series(folder: str | Path, *, series_uid: str | None = None) -> V
     array = _stack_to_volume_array(stacked, _is_integral(rescales))
     meta = _meta(hdrs[0], source=folder, n_slices=len(files), rescales=rescales)
     return Volume(array, affine, meta)
+
+
+class DicomSlabs(RawSlabs):
+    """A DICOM series decoded once, slice by slice, into a temporary raw file and read by blocks.
+
+    Gives what :func:`read_dicom_series` gives (the same affine, voxel values and ``meta``) without
+    holding the scan: prediction streams it like a NIfTI file (:class:`~medseg.io.nifti.NiftiSlabs`).
+    Loading a series whole costs several copies of the scan at once (decoded slices, the stack, the
+    reordered array); here one decoded slice is in memory at a time. Every file is decoded by
+    SimpleITK as :func:`read_dicom_series` does, and the same checks refuse irregular stacks. When
+    every rescale is whole, the temporary file holds the smallest of int16, uint16 and int32 that
+    holds the values (int16 for most CT; rewritten wider if a later slice needs it), float32
+    otherwise. Use it as a context manager (or call :meth:`close`).
+
+    Raises:
+        DataError: What :func:`read_dicom_series` raises.
+        NotStreamable: A series this class does not stream (read it with :func:`read_dicom_series`):
+            a single file, colour images, or whole values beyond int32.
+    """
+
+    def __init__(self, folder: str | Path, *, series_uid: str | None = None) -> None:
+        self._tmp: Path | None = None
+        self.path = folder = Path(folder)
+        series, headers = _select_series(folder, series_uid)
+        if series.n_files == 1:
+            raise NotStreamable(f"{folder}: a series of one file is read whole (read_dicom_series)")
+        if any(int(ds.get("SamplesPerPixel", 1) or 1) > 1 for ds in headers):
+            raise NotStreamable(f"{folder}: colour series are read whole (read_dicom_series)")
+        files, hdrs, self.affine, rescales = _stacked_series(folder, series, headers)
+        integral = _is_integral(rescales)
+        self.meta = _meta(hdrs[0], source=folder, n_slices=len(files), rescales=rescales)
+        self.scale, self.offset = None, 0
+        self.dtype = np.dtype(np.float32)
+        first: tuple[int, ...] = ()
+        self._tmp = self.raw = self._new_tmp()
+        try:
+            fh = open(self.raw, "wb")  # noqa: SIM115 (reopened when the type widens)
+            try:
+                for k, (path, ds) in enumerate(zip(files, hdrs, strict=True)):
+                    px = _read_slice(path, ds)
+                    first = first or px.shape
+                    if px.shape != first:
+                        raise DataError(
+                            f"{path}: decoded slice shape {px.shape} differs from {first} of {files[0]}"
+                        )
+                    if integral:
+                        px = np.rint(px) if np.issubdtype(px.dtype, np.floating) else px
+                        lo, hi = _value_range(px)
+                        need = _integer_dtype(lo, hi)
+                        if need is None:
+                            raise NotStreamable(f"{path}: values exceed int32; the series is read whole")
+                        if k == 0:
+                            self.dtype = need
+                        elif not np.iinfo(self.dtype).min <= lo <= hi <= np.iinfo(self.dtype).max:
+                            fh = self._widen(fh, np.promote_types(self.dtype, need))
+                    # (Y, X) in C order is (X, Y) in Fortran order: the slice's bytes as stored
+                    np.ascontiguousarray(px, dtype=self.dtype).tofile(fh)
+            finally:
+                fh.close()
+        except BaseException:
+            self.close()
+            raise
+        self.shape = (int(first[1]), int(first[0]), len(files))
+
+    @staticmethod
+    def _new_tmp() -> Path:
+        import os
+        import tempfile
+
+        fd, name = tempfile.mkstemp(prefix="medseg-dicom-", suffix=".raw")
+        os.close(fd)
+        return Path(name)
+
+    def _widen(self, fh: Any, dtype: np.dtype) -> Any:
+        """Rewrite the slices written so far as ``dtype`` (a later slice needs a wider integer type
+        than the first); returns the handle to append to."""
+        fh.close()
+        old, self._tmp = self._tmp, self._new_tmp()
+        self.raw = self._tmp
+        try:
+            with open(old, "rb") as src, open(self.raw, "wb") as dst:
+                while chunk := src.read(_COPY_BYTES - _COPY_BYTES % self.dtype.itemsize):
+                    np.frombuffer(chunk, self.dtype).astype(dtype).tofile(dst)
+        finally:
+            old.unlink(missing_ok=True)
+        self.dtype = np.dtype(dtype)
+        return open(self.raw, "ab")  # noqa: SIM115
 
 
 def read_dicom_file(path: str | Path) -> Volume:

@@ -14,6 +14,7 @@ import numpy as np
 
 from medseg.errors import DataError
 from medseg.io._atomic import atomic_write
+from medseg.io._slabs import NotStreamable, RawSlabs
 from medseg.types import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -83,19 +84,19 @@ def write_nifti(vol: Volume, path: str | Path, *, dtype: Any | None = None) -> P
     return path
 
 
-class NiftiSlabs:
-    """A 3D single-channel NIfTI opened for reading slabs along its last axis, never the whole image.
+class NiftiSlabs(RawSlabs):
+    """A 3D single-channel NIfTI opened for reading blocks of voxels, never the whole image.
 
     Prediction uses it so that memory does not grow with the scan (the label map is the only
-    scan-sized array). NIfTI stores voxels in Fortran order, so a range of slices is one contiguous
-    byte range: an uncompressed file is read in place; a ``.nii.gz`` is decompressed once into a
-    temporary file next to the system temp dir (streamed in 64 MB chunks), then read the same way.
-    nibabel's ``ArrayProxy`` could slice the gzip stream directly, but every backward seek would
-    restart decompression from the file's beginning.
+    scan-sized array). NIfTI stores voxels in Fortran order: an uncompressed file is read in place; a
+    ``.nii.gz`` is decompressed once into a temporary file next to the system temp dir (streamed in
+    64 MB chunks), then read the same way. nibabel's ``ArrayProxy`` could slice the gzip stream
+    directly, but every backward seek would restart decompression from the file's beginning.
 
     Has the geometry attributes of :class:`~medseg.types.Volume` (``affine``, ``meta``,
-    ``spatial_shape``, ``spacing_mm``, ...) plus :meth:`read_slab` and :meth:`load`; use it as a
-    context manager (or call :meth:`close`) to remove the temporary file.
+    ``spatial_shape``, ``spacing_mm``, ...) plus :meth:`read_block`, :meth:`read_slab` and
+    :meth:`load` (see :class:`~medseg.io._slabs.RawSlabs`); use it as a context manager (or call
+    :meth:`close`) to remove the temporary file.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -113,7 +114,7 @@ class NiftiSlabs:
         except Exception as exc:  # nibabel raises many types for corrupt files
             raise DataError(f"{self.path}: cannot read as NIfTI ({type(exc).__name__}: {exc})") from exc
         if len(img.shape) != 3:
-            raise DataError(f"{self.path}: slab reading needs a 3D image, found shape {img.shape}")
+            raise NotStreamable(f"{self.path}: slab reading needs a 3D image, found shape {img.shape}")
         hdr = img.header
         self.shape = tuple(int(s) for s in img.shape)
         self.dtype = hdr.get_data_dtype()
@@ -148,45 +149,3 @@ class NiftiSlabs:
         if self.raw.stat().st_size < need:
             self.close()
             raise DataError(f"{self.path}: truncated image data ({self.raw.stat().st_size} of {need} bytes)")
-
-    # Volume-like geometry
-    spatial_dims = 3
-    num_channels = 1
-
-    @property
-    def spatial_shape(self) -> tuple[int, ...]:
-        return self.shape
-
-    @property
-    def spacing_mm(self) -> tuple[float, ...]:
-        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
-
-    def read_slab(self, z0: int, z1: int) -> np.ndarray:
-        """Slices ``z0:z1`` as ``(1, X, Y, z1 - z0)`` (float32 when the file is scaled)."""
-        nx, ny, _ = self.shape
-        with open(self.raw, "rb") as fh:
-            fh.seek(self.offset + z0 * nx * ny * self.dtype.itemsize)
-            flat = np.fromfile(fh, dtype=self.dtype, count=(z1 - z0) * nx * ny)
-        arr = flat.reshape(z1 - z0, ny, nx).transpose(2, 1, 0)
-        if self.scale is not None:
-            arr = arr.astype(np.float32) * self.scale[0] + self.scale[1]
-        return arr[None]
-
-    def load(self) -> Volume:
-        """The whole image as a Volume (what :func:`read_nifti` gives)."""
-        return Volume(self.read_slab(0, self.shape[-1]), self.affine.copy(), dict(self.meta))
-
-    def close(self) -> None:
-        """Remove the decompressed temporary file (if any)."""
-        if getattr(self, "_tmp", None) is not None:
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
-
-    def __enter__(self) -> NiftiSlabs:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()

@@ -279,6 +279,39 @@ def test_dicom_seg_output_reads_back_equal_to_the_nifti(bundle: Path, tmp_path: 
     assert "needs a DICOM series folder" in failures[0]["error"]
 
 
+@pytest.mark.parametrize("kind", ["dicom", "sagittal-nifti"])
+def test_streamed_inputs_give_the_labels_of_the_loaded_scan(
+    bundle: Path, tmp_path: Path, monkeypatch, kind
+) -> None:
+    """A DICOM series folder and a sagittally stored NIfTI are read block by block (never loaded
+    whole) and give the labels predict_volume gives on the loaded scan."""
+    import medseg.io.dicom
+    import medseg.io.nifti
+    from medseg.inference.predict import load_bundle, predict_volume
+
+    scan = _scan(AFFINES["LPS"])
+    if kind == "dicom":
+        src = write_dicom_series(scan, tmp_path / "in" / "series1")
+        case = "series1"
+    else:  # storage axes (S, A, R): the canonical slab axis is the first stored axis
+        arr = np.transpose(scan.array, (0, 3, 2, 1))
+        aff = scan.affine[:, [2, 1, 0, 3]]
+        src = save_volume(Volume(np.ascontiguousarray(arr), aff), tmp_path / "in" / "sag.nii.gz")
+        case = "sag"
+    want = predict_volume(load_bundle(bundle, device="cpu"), load_volume(src))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the scan was loaded whole")
+
+    monkeypatch.setattr(medseg.io.dicom, "read_dicom_series", refuse)
+    monkeypatch.setattr(medseg.io.nifti, "read_nifti", refuse)
+    monkeypatch.setattr(medseg.io._slabs.RawSlabs, "load", refuse)
+    assert _predict(bundle, [src], tmp_path / "out") == 0
+    got = nib.load(str(tmp_path / "out" / f"{case}.nii.gz"))
+    np.testing.assert_array_equal(np.asarray(got.dataobj), want.array[0])
+    assert want.array.any()
+
+
 def test_probabilities_match_the_label_map(bundle: Path, tmp_path: Path) -> None:
     save_volume(_scan(AFFINES["LPS"]), tmp_path / "in" / "c1.nii.gz")
     out = tmp_path / "out"

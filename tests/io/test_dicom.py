@@ -534,3 +534,75 @@ def test_load_volume_dispatches(tmp_path: Path) -> None:
     assert one.spatial_shape == (3, 3, 1)
     write_radiograph(tmp_path / "dx.dcm", np.zeros((2, 2)), ImagerPixelSpacing=[0.1, 0.1])
     assert load_volume(tmp_path / "dx.dcm").spatial_dims == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# streamed reading (DicomSlabs)
+
+
+@pytest.mark.parametrize(
+    ("name", "direction", "slope", "intercept"),
+    [
+        ("axial-ct", np.diag([-1.0, -1.0, 1.0]), 1.0, -1024.0),
+        ("sagittal", np.array([[0.0, 0, -1], [1, 0, 0], [0, -1, 0]]), 1.0, 0.0),
+        ("per-slice-rescale", np.diag([1.0, 1.0, 1.0]), [1.0, 2.0, 3.0, 1.0, 2.0], 0.0),
+        ("fractional", np.diag([1.0, 1.0, 1.0]), 0.25, -100.5),
+    ],
+)
+def test_streamed_series_equals_the_loaded_series(tmp_path: Path, name, direction, slope, intercept) -> None:
+    """DicomSlabs gives read_dicom_series' affine, meta and values, for any block, and removes its
+    temporary file."""
+    from medseg.io.dicom import DicomSlabs
+
+    if name == "fractional":
+        values = np.random.default_rng(2).integers(0, 3000, size=(6, 4, 5)) * 0.25 - 100.5
+    else:
+        values = np.random.default_rng(3).integers(0, 500, size=(6, 4, 5)) * 6
+    affine = make_affine(direction, (0.9, 1.1, 3.0), (10.0, -20.0, 30.0))
+    write_series(tmp_path / name, values, affine, slope=slope, intercept=intercept)
+    want = read_dicom_series(tmp_path / name)
+    with DicomSlabs(tmp_path / name) as src:
+        assert src.spatial_shape == want.spatial_shape and src.meta == want.meta
+        np.testing.assert_array_equal(src.affine, want.affine)
+        assert src.spacing_mm == pytest.approx(want.spacing_mm)
+        np.testing.assert_array_equal(src.load().array, want.array)
+        box = (slice(1, 5), slice(2, 4), slice(1, 4))
+        np.testing.assert_array_equal(src.read_block(box)[0], want.array[0][box])
+        assert src.read_block(box).dtype == (np.float32 if name == "fractional" else np.int16)
+        tmp = src._tmp
+        assert tmp.exists()
+    assert not tmp.exists()
+
+
+def test_series_that_are_not_streamed_say_so(tmp_path: Path) -> None:
+    from medseg.io._slabs import NotStreamable
+    from medseg.io.dicom import DicomSlabs
+
+    write_series(tmp_path / "one", hu_values((4, 3, 1)), np.eye(4))
+    with pytest.raises(NotStreamable, match="one file"):
+        DicomSlabs(tmp_path / "one")
+    paths = write_series(tmp_path / "gap", hu_values((4, 3, 6)), np.eye(4))
+    paths[3].unlink()
+    with pytest.raises(DataError, match="missing") as err:  # the loaded reader's checks, not a fallback
+        DicomSlabs(tmp_path / "gap")
+    assert not isinstance(err.value, NotStreamable)
+
+
+def test_streamed_series_widens_its_type_when_a_later_slice_needs_it(tmp_path: Path, monkeypatch) -> None:
+    import tempfile
+
+    from medseg.io.dicom import DicomSlabs
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+
+    values = np.random.default_rng(4).integers(-1000, 1000, size=(5, 4, 6))
+    values[:, :, 3] += 39000  # beyond int16 from the fourth slice on (stored values still fit)
+    write_series(tmp_path / "wide", values, np.eye(4), intercept=10000.0)
+    with DicomSlabs(tmp_path / "wide") as src:
+        assert src.dtype == np.int32
+        np.testing.assert_array_equal(src.load().array[0], values)
+        np.testing.assert_array_equal(src.load().array, read_dicom_series(tmp_path / "wide").array)
+        tmp = src._tmp
+        assert list((tmp_path / "tmp").iterdir()) == [tmp], "the narrower first file is removed"
+    assert not tmp.exists()

@@ -173,3 +173,29 @@ def test_slab_reader_matches_the_whole_image(tmp_path, suffix):
     nib.save(scaled, str(tmp_path / f"s{suffix}"))
     with NiftiSlabs(tmp_path / f"s{suffix}") as src:
         np.testing.assert_allclose(src.read_slab(0, 11)[0], data * 0.5 - 3.0)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_block_reader_reads_any_box(tmp_path, suffix, monkeypatch):
+    """read_block gives ``data[box]`` for boxes along every axis, also when each mapping of the
+    file covers fewer slices than the box (the bound on memory)."""
+    import nibabel as nib
+
+    from medseg.io import _slabs
+    from medseg.io.nifti import NiftiSlabs
+
+    data = np.random.default_rng(1).integers(-1000, 1000, (9, 7, 11)).astype(">i2")  # big-endian on disk
+    path = tmp_path / f"x{suffix}"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    monkeypatch.setattr(_slabs, "_MAP_BYTES", 3 * 9 * 7 * 2)  # three slices per mapping
+    boxes = [
+        (slice(None), slice(2, 5), slice(None)),
+        (slice(4, 6), slice(None), slice(None)),
+        (slice(1, 8), slice(0, 3), slice(2, 10)),
+        (slice(0, 9), slice(0, 7), slice(10, 11)),
+    ]
+    with NiftiSlabs(path) as src:
+        for box in boxes:
+            got = src.read_block(box)
+            assert got.shape == (1, *data[box].shape)
+            np.testing.assert_array_equal(got[0], data[box])
