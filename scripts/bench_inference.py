@@ -39,8 +39,9 @@ MALLOC_TRIM_THRESHOLD_=68719476736`` (DESIGN §11) for all children, ``default``
 ``torch.set_num_threads(--threads)`` in all. ``--repeats N`` runs every contender N times, each in a fresh
 process, in rotating order (a b c, b c a, c a b, ...) so that drift on a shared machine spreads evenly;
 the table gives the median seconds (and the minimum). The clock starts after the imports, before the run
-directory is loaded. A child reports its own peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``, which
-includes the imports; the RSS after the imports is in brackets) and its stage times. Windows are counted,
+directory is loaded. A child reports its own peak RSS (``VmHWM`` by
+:func:`medseg.inference.engine.peak_rss_bytes`, which includes the imports; ``ru_maxrss`` would include
+this parent's peak; the RSS after the imports is in brackets) and its stage times. Windows are counted,
 and the network's own time summed, by forward hooks on the loaded model (for (a) by wrapping
 ``load_bundle``); windows/s is windows over end-to-end seconds, ms/window is network seconds per window.
 
@@ -395,9 +396,9 @@ def _child_nnunet(args: argparse.Namespace, meter: ForwardMeter, st: Stages) -> 
 
 
 def child_main(args: argparse.Namespace) -> int:
-    import resource
-
     import torch
+
+    from medseg.inference.engine import peak_rss_bytes
 
     torch.set_num_threads(args.threads)
     # the same imports for every contender, outside the clock (a cold `import monai` alone takes seconds)
@@ -422,7 +423,7 @@ def child_main(args: argparse.Namespace) -> int:
         "windows": meter.windows,
         "forward_calls": meter.calls,
         "network_seconds": meter.seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_bytes() / 2**20,
         "rss_after_imports_mb": rss_after_imports,
         "threads": torch.get_num_threads(),
         "allocator_env": {k: os.environ.get(k) for k in TUNED_ALLOCATOR},

@@ -1,7 +1,8 @@
 """Peak memory of `medseg predict` on long CT scans: does it stay bounded as the scan grows?
 
 Each measurement runs in its own child process (this script with ``--child``), started from one run
-of this script with the same environment, and reports its own peak RSS (``ru_maxrss``) and time:
+of this script with the same environment, and reports its own peak RSS (``VmHWM``, see
+:func:`medseg.inference.engine.peak_rss_bytes`: ``ru_maxrss`` would include this parent's peak) and time:
 
 - ``medseg``: the real user path, :func:`medseg.inference.predict.predict_files` (read the scan block
   by block -> slab-wise engine -> write NIfTI), on 512×512×Z synthetic body phantoms (0.8×0.8×1 mm,
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -95,6 +95,8 @@ def make_scan(path: Path, z: int, fmt: str) -> None:
 
 
 def child(kind: str, run: Path, scan: Path, out: Path) -> dict:
+    from medseg.inference.engine import peak_rss_bytes
+
     t0 = time.perf_counter()
     if kind.startswith("medseg"):
         import medseg.inference.predict
@@ -128,7 +130,7 @@ def child(kind: str, run: Path, scan: Path, out: Path) -> dict:
         extra = {}
     return {
         "seconds": round(time.perf_counter() - t0, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mb": round(peak_rss_bytes() / 2**20),
         **extra,
     }
 

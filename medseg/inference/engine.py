@@ -999,3 +999,23 @@ def available_memory() -> int | None:
     except OSError:
         return None
     return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: ``VmHWM`` from ``/proc/self/status`` where there is one.
+
+    Not ``getrusage().ru_maxrss``: on Linux that also counts the parent's peak when the process was
+    started by fork/exec (the high-water mark of the address space replaced by exec is kept), so a
+    child of a big process reports the parent's peak. Falls back to it where there is no ``/proc``.
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

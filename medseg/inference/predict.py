@@ -24,7 +24,7 @@ import numpy as np
 
 from medseg.data.plan import Plan
 from medseg.errors import DataError
-from medseg.inference.engine import EngineOptions, EngineStats, ProbabilitySink
+from medseg.inference.engine import EngineOptions, EngineStats, ProbabilitySink, peak_rss_bytes
 from medseg.inference.postprocess import PostProcessing, postprocess_label_map, postprocess_masks
 from medseg.io._atomic import atomic_write
 from medseg.types import Volume
@@ -550,7 +550,6 @@ def predict_files(
     skipped unless ``batch.overwrite``; a failing case is logged and listed under ``failures`` while
     the others go on. The manifest is written to ``out_dir/predict.json``.
     """
-    import resource
 
     from tqdm.auto import tqdm
 
@@ -599,7 +598,7 @@ def predict_files(
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "seconds": round(time.perf_counter() - t_start, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
         "cases": rows,
         "failures": failures,
     }

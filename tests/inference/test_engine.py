@@ -449,3 +449,19 @@ def test_streamed_nifti_gives_the_same_labels_as_the_loaded_volume(tmp_path, axe
         got = segment(src, plan, net, "cpu", EngineOptions(skip_air=False))
     np.testing.assert_array_equal(got, want)
     assert want.any()
+
+
+def test_peak_rss_is_this_process_not_its_parent():
+    """A child started after the parent touched 1 GB reports its own peak (ru_maxrss would not)."""
+    import subprocess
+    import sys
+
+    from medseg.inference.engine import peak_rss_bytes
+
+    before = peak_rss_bytes()
+    big = np.ones(2**27)  # 1 GiB, touched
+    assert peak_rss_bytes() >= before + 0.9 * big.nbytes or before >= big.nbytes
+    del big
+    code = "from medseg.inference.engine import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 10 * 2**20 < child < 2**29
