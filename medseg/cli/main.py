@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 from medseg._version import __version__
@@ -57,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    # libraries' chatter (highdicom logs every module it copies) only with --verbose
+    for name in ("highdicom", "pydicom"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+    def show_warning(message: Warning | str, *args: object, **kwargs: object) -> None:
+        # the message only: Python's format adds the source file, line and code, meaningless to a user
+        logging.getLogger("medseg").warning("warning: %s", message)
+
+    warnings.showwarning = show_warning
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
 from medseg.errors import MedsegError
+
+logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,13 +21,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "direction). Exclusive classes -> <case>.nii.gz; overlapping structures -> <case>/<structure>.nii.gz "
         "(or .png for 2D PNG/DICOM radiographs). A predict.json manifest lists inputs, outputs and timings.",
     )
-    p.add_argument("--model", required=True, type=Path, help="run directory written by `medseg train`")
+    p.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="run directory written by `medseg train` (uses checkpoints/best.pt, else last.pt)",
+    )
     p.add_argument(
         "--input",
         required=True,
         nargs="+",
         type=Path,
-        help="NIfTI/NRRD/PNG files, DICOM series folders, folders of such inputs, or .txt lists of them",
+        help="NIfTI/NRRD/PNG files, DICOM series folders, folders of such inputs (one level deep), or .txt "
+        "files listing them one per line (relative to the list's folder)",
     )
     p.add_argument("--output", required=True, type=Path, help="output folder (never an input folder)")
     p.add_argument(
@@ -33,8 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("sliding windows (defaults: the run config's predict section)")
     g.add_argument("--overlap", type=float, help="fraction of a window shared with its neighbour (0.5)")
     g.add_argument("--batch-size", type=int, help="windows per forward pass (2)")
-    g.add_argument("--tta", action=argparse.BooleanOptionalAction, help="mirror test-time augmentation")
-    g.add_argument("--threshold", type=float, help="probability threshold of overlapping-structure models")
+    g.add_argument(
+        "--tta", action=argparse.BooleanOptionalAction, help="mirror test-time augmentation (off; ~2x slower)"
+    )
+    g.add_argument(
+        "--threshold", type=float, help="probability threshold of overlapping-structure models (0.5)"
+    )
     g.add_argument(
         "--no-skip-air",
         dest="skip_air",
@@ -93,10 +106,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _input_suffixes() -> tuple[str, ...]:
+    from medseg.io.image2d import RASTER_SUFFIXES
+    from medseg.io.itkfile import ITK_SUFFIXES
+    from medseg.io.nifti import NIFTI_SUFFIXES
+
+    return (*NIFTI_SUFFIXES, *ITK_SUFFIXES, *RASTER_SUFFIXES, ".dcm")
+
+
 def expand_inputs(items: list[Path]) -> list[Path]:
-    """Files, DICOM folders, folders of inputs, and text files listing inputs -> a flat input list."""
+    """Files, DICOM folders, folders of inputs, and text files listing inputs -> a flat input list.
+
+    A folder holding DICOM files is one series. Any other folder is scanned one level deep: image
+    files by suffix (NIfTI, NRRD/MHA, PNG/JPEG/..., ``.dcm``) and sub-folders that hold DICOM files
+    (series); anything else in it is skipped with a warning. A ``.txt`` file lists inputs, one per line (``#``
+    comments and blank lines are ignored; relative paths are relative to the list's folder).
+    """
     from medseg.io import is_dicom_file
 
+    def holds_dicom(folder: Path) -> bool:
+        return any(f.is_file() and not f.name.startswith(".") and is_dicom_file(f) for f in folder.iterdir())
+
+    suffixes = _input_suffixes()
     out: list[Path] = []
     for item in items:
         if item.suffix == ".txt" and item.is_file():
@@ -108,15 +139,24 @@ def expand_inputs(items: list[Path]) -> list[Path]:
                 expand_inputs([(base / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines])
             )
         elif item.is_dir():
-            files = sorted(f for f in item.iterdir() if not f.name.startswith("."))
-            if any(is_dicom_file(f) for f in files if f.is_file()):
+            if holds_dicom(item):
                 out.append(item)  # a DICOM series folder
-            else:
-                out.extend(
-                    f
-                    for f in files
-                    if f.is_dir()
-                    or f.suffix.lower() in (".gz", ".nii", ".nrrd", ".mha", ".png", ".jpg", ".dcm")
+                continue
+            skipped = []
+            for f in sorted(f for f in item.iterdir() if not f.name.startswith(".")):
+                if f.is_dir() and holds_dicom(f) or f.is_file() and f.name.lower().endswith(suffixes):
+                    out.append(f)
+                else:
+                    skipped.append(f.name + ("/" if f.is_dir() else ""))
+            if skipped:
+                logger.warning(
+                    "%s: skipped %d entr%s that %s neither an image file (%s) nor a DICOM series folder: %s",
+                    item,
+                    len(skipped),
+                    "y" if len(skipped) == 1 else "ies",
+                    "is" if len(skipped) == 1 else "are",
+                    " ".join(suffixes),
+                    ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""),
                 )
         elif item.exists():
             out.append(item)
@@ -125,11 +165,28 @@ def expand_inputs(items: list[Path]) -> list[Path]:
     return out
 
 
+def check_output_folder(items: list[Path], output: Path) -> None:
+    """Refuse an output folder that is, or lies inside, a folder given as input: a later run over
+    that folder would take the predictions for inputs."""
+    ro = output.resolve()
+    for item in items:
+        ri = item.resolve()
+        if item.is_dir() and (ro == ri or ri in ro.parents):
+            raise MedsegError(
+                f"--output {output} lies inside the input folder {item}: predictions are never written "
+                "among the inputs (a later run over that folder would read them as scans); choose an "
+                "output folder outside it"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from medseg.inference.predict import BatchOptions, predict_files
 
+    if args.max_memory is not None and not args.max_memory > 0:
+        raise MedsegError(f"--max-memory {args.max_memory}: expected a positive number of GB (e.g. 8)")
+    check_output_folder(args.input, args.output)
     inputs = expand_inputs(args.input)
     if not inputs:
         raise MedsegError(f"no inputs found in {[str(i) for i in args.input]}")
@@ -180,4 +237,4 @@ def _engine_defaults(run_dir: Path) -> Any:
 
     if not (run_dir / "plan.json").is_file():
         raise MedsegError(f"--model {run_dir}: not a medseg run directory (no plan.json)")
-    return run_settings(run_dir)[1]
+    return run_settings(run_dir, warn=False)[1]  # load_bundle warns about a missing config

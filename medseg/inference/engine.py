@@ -816,6 +816,28 @@ class EngineStats:
     layout: Layout | None = None
 
 
+def check_input(image: Any, plan: Plan) -> None:
+    """Refuse (:class:`DataError`, naming the file) an image the model cannot take: other spatial
+    dimensions or another number of channels."""
+    where = image.meta.get("source", "image")
+    shape = "x".join(map(str, image.spatial_shape))
+    if image.spatial_dims != plan.spatial_dims and plan.spatial_dims == 3:
+        raise DataError(
+            f"{where}: a 2D image ({shape}), but the model is 3D (trained on volumes); pass a 3D scan "
+            "(NIfTI, NRRD or a DICOM series folder), or use a 2D model"
+        )
+    if image.spatial_dims != plan.spatial_dims:
+        raise DataError(
+            f"{where}: a 3D scan ({shape}), but the model is 2D; pass 2D images (PNG, a DICOM "
+            "radiograph, or a NIfTI with one slice), or use a 3D model"
+        )
+    if image.num_channels != plan.in_channels:
+        raise DataError(
+            f"{where}: {image.num_channels} channel(s), the model expects {plan.in_channels} "
+            "(one file per channel: <case>_0000, <case>_0001, ...)"
+        )
+
+
 def segment(
     image: Volume,
     plan: Plan,
@@ -839,14 +861,7 @@ def segment(
 
     opts = opts or EngineOptions()
     stats = stats if stats is not None else EngineStats()
-    where = image.meta.get("source", "image")
-    if image.spatial_dims != plan.spatial_dims:
-        raise DataError(f"{where}: {image.spatial_dims}D image, but the model is {plan.spatial_dims}D")
-    if image.num_channels != plan.in_channels:
-        raise DataError(
-            f"{where}: {image.num_channels} channel(s), the model expects {plan.in_channels} "
-            "(one file per channel: <case>_0000, <case>_0001, ...)"
-        )
+    check_input(image, plan)
     layout, src = plan_layout(image, plan)
     inplane, zc = layout.crop[:-1], layout.crop[-1]
     lowest, means, stds = channel_stats(src, inplane, zc, [n.scheme != "ct" for n in plan.normalization])

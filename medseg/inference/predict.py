@@ -24,7 +24,13 @@ import numpy as np
 
 from medseg.data.plan import Plan
 from medseg.errors import DataError
-from medseg.inference.engine import EngineOptions, EngineStats, ProbabilitySink, peak_rss_bytes
+from medseg.inference.engine import (
+    EngineOptions,
+    EngineStats,
+    ProbabilitySink,
+    check_input,
+    peak_rss_bytes,
+)
 from medseg.inference.postprocess import PostProcessing, postprocess_label_map, postprocess_masks
 from medseg.io._atomic import atomic_write
 from medseg.types import Volume
@@ -68,8 +74,15 @@ def load_bundle(run_dir: str | Path, *, device: str = "auto", checkpoint: str = 
     plan = Plan.load(run_dir / "plan.json")
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     if not path.is_file() and checkpoint == "best":
-        path = run_dir / "checkpoints" / "last.pt"
-    dev = resolve_device(device)
+        last = run_dir / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise DataError(
+                f"{run_dir}: no checkpoint (looked for checkpoints/best.pt, then checkpoints/last.pt); "
+                "train the run first (`medseg train`), or pass the run directory that has them"
+            )
+        logger.warning("%s: no checkpoints/best.pt (no validation yet?); using checkpoints/last.pt", run_dir)
+        path = last
+    dev = resolve_device(device, what="--device")
     ck = load_checkpoint(path, map_location="cpu")
     model = create_model(
         ModelConfig(**ck["model_config"]),
@@ -94,12 +107,19 @@ def load_bundle(run_dir: str | Path, *, device: str = "auto", checkpoint: str = 
     )
 
 
-def run_settings(run_dir: Path) -> tuple[PostProcessing, EngineOptions]:
-    """Post-processing and inference defaults from the run's ``config.yaml`` (built-ins if missing)."""
+def run_settings(run_dir: Path, *, warn: bool = True) -> tuple[PostProcessing, EngineOptions]:
+    """Post-processing and inference defaults from the run's ``config.yaml`` (built-ins, and a
+    warning unless ``warn`` is false, if it is missing)."""
     from medseg.config import load_config
 
     path = run_dir / "config.yaml"
     if not path.is_file():
+        if warn:
+            logger.warning(
+                "%s: no config.yaml; predicting with built-in defaults and no post-processing (the run's "
+                "predict settings, single-component structures and blob removal live there)",
+                run_dir,
+            )
         return PostProcessing(), EngineOptions()
     cfg = load_config(path, resolve_paths=False)
     p = cfg.predict
@@ -300,6 +320,14 @@ def group_inputs(inputs: list[Path], in_channels: int) -> list[tuple[str, list[P
     for p in inputs:
         groups.setdefault(case_id(p, channels=in_channels), []).append(Path(p))
     if in_channels == 1:
+        extra = sorted(n for n in groups if n[-5:-4] == "_" and n[-4:].isdigit() and n[:-5] in groups)
+        if extra:
+            logger.warning(
+                "%s: named like further channels of the cases %s (nnU-Net naming <case>_0000, <case>_0001, "
+                "...), but the model takes one channel: each is predicted as a case of its own",
+                ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else ""),
+                ", ".join(sorted({n[:-5] for n in extra})[:5]),
+            )
         clashes = {n: ps for n, ps in groups.items() if len(ps) > 1}
         if clashes:
             listing = "; ".join(f"{n}: {', '.join(map(str, ps))}" for n, ps in sorted(clashes.items()))
@@ -470,6 +498,7 @@ def _predict_loaded(
     source = paths[0]
     t_read = time.perf_counter()
     image = squeeze_2d(vol) if bundle.plan.spatial_dims == 2 else vol
+    check_input(image, bundle.plan)  # before the memory estimate, which assumes a fitting input
     est = check_memory(image, bundle, opts, batch.max_memory_bytes)
     stats = EngineStats()
     writer = ProbabilityWriter(out_dir, case, image, bundle.plan) if batch.save_probabilities else None
@@ -535,6 +564,20 @@ def _write_report(image: Volume, pred: Volume, bundle: ModelBundle, out: Path) -
     return list(write_report(image, pred, out, spec=spec, provenance=provenance).values())
 
 
+def _earlier_rows(manifest: Path) -> dict[str, dict[str, Any]]:
+    """Case rows of an earlier ``predict.json`` in the output folder, by case, each with the time
+    of that run (``predicted``): a re-run that skips a case keeps what is known about its output."""
+    try:
+        old = json.loads(manifest.read_text())
+        return {
+            r["case"]: {"predicted": r.get("predicted", old.get("created")), **r}
+            for r in old.get("cases", [])
+            if isinstance(r, dict) and "case" in r
+        }
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
 def predict_files(
     run_dir: str | Path,
     inputs: list[Path],
@@ -570,19 +613,26 @@ def predict_files(
         )
     cases = group_inputs(inputs, bundle.plan.in_channels)
     out_dir.mkdir(parents=True, exist_ok=True)
+    earlier = _earlier_rows(out_dir / "predict.json")
     rows, failures = [], []
     t_start = time.perf_counter()
     for name, paths in tqdm(cases, desc="predict", disable=not batch.progress):
         try:
-            expected = _expected_outputs(out_dir, name, paths[0], bundle.plan, batch)
+            case_batch = batch
+            if batch.output_format == "both" and not paths[0].is_dir():
+                logger.warning("%s: not a DICOM series folder: NIfTI output only (no DICOM SEG)", paths[0])
+                case_batch = replace(batch, output_format="nifti")
+            expected = _expected_outputs(out_dir, name, paths[0], bundle.plan, case_batch)
             if all(p.exists() for p in expected) and not batch.overwrite:
-                rows.append({"input": str(paths[0]), "case": name, "skipped": True})
+                rows.append({**earlier.get(name, {"input": str(paths[0]), "case": name}), "skipped": True})
                 continue
-            rows.append(predict_case(bundle, paths, out_dir, name, opts, batch))
+            rows.append(predict_case(bundle, paths, out_dir, name, opts, case_batch))
         except Exception as exc:  # noqa: BLE001 - one bad input must not stop the batch
             msg = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+            msg = msg.removeprefix(f"{paths[0]}: ")  # the path is printed beside it
             logger.error("%s: %s", paths[0], msg)
             failures.append({"input": str(paths[0]), "error": msg})
+    pp = bundle.postprocessing
     manifest = {
         "model": str(bundle.run_dir),
         "checkpoint": bundle.checkpoint,
@@ -594,6 +644,11 @@ def predict_files(
             "save_probabilities": batch.save_probabilities,
             "report": batch.report,
             "combined_labels": batch.combined_labels,
+        },
+        "postprocessing": {
+            "single_component": sorted(pp.single),
+            "min_component_mm3": pp.min_component_mm3,
+            "fill_holes": pp.fill_holes,
         },
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

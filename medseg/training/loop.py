@@ -47,18 +47,21 @@ logger = logging.getLogger(__name__)
 CONTEXT_FACTOR = 1.25  # patches are cut larger and centre-cropped after rotation/scaling
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available else CPU; ``cuda[:i]`` must exist."""
+def resolve_device(name: str, *, what: str = "train.device") -> torch.device:
+    """``auto`` → CUDA when available else CPU; ``cpu``; ``cuda[:i]`` must exist. ``what`` names the
+    setting in error messages (``train.device``, ``--device``)."""
+    import re
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"{what} {name!r}: expected auto, cpu, cuda or cuda:N (e.g. cuda:0)")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(
-                f"train.device is {name!r} but no CUDA device is available; use --device cpu or auto"
-            )
+            raise ConfigError(f"{what} is {name!r} but no CUDA device is available here; use cpu or auto")
         idx = int(name.split(":")[1]) if ":" in name else 0
         if idx >= torch.cuda.device_count():
-            raise ConfigError(f"train.device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(f"{what} {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
 
 

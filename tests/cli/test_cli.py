@@ -170,3 +170,14 @@ def test_info_on_real_dicom_matches_label_grid(real_data: Path, capsys: pytest.C
     assert seg["orientation"] == "LAS"  # rows stored in the opposite order
     assert same_physical_grid(dcm["shape"], np.array(dcm["affine"]), seg["shape"], np.array(seg["affine"]))
     assert dcm["min"] < -500 < dcm["max"]
+
+
+def test_warnings_print_as_one_line_without_source_code(capsys: pytest.CaptureFixture) -> None:
+    """Library warnings (e.g. a DICOM SEG's generated UIDs) reach CLI users as their message only."""
+    import warnings
+
+    from medseg.cli.main import _configure_logging
+
+    _configure_logging(verbose=False, quiet=True)
+    warnings.warn("the source series has no SeriesInstanceUID", UserWarning, stacklevel=1)
+    assert capsys.readouterr().err == "warning: the source series has no SeriesInstanceUID\n"

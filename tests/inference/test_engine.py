@@ -463,5 +463,7 @@ def test_peak_rss_is_this_process_not_its_parent():
     assert peak_rss_bytes() >= before + 0.9 * big.nbytes or before >= big.nbytes
     del big
     code = "from medseg.inference.engine import peak_rss_bytes; print(peak_rss_bytes())"
-    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    child = int(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
     assert 10 * 2**20 < child < 2**29

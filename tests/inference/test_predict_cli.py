@@ -134,6 +134,27 @@ def test_refuses_to_write_into_the_input_folder(
     )
     assert code == 2
     assert "input folder" in capsys.readouterr().err
+    # nor into a folder inside an input folder: a later run over that folder would read the outputs
+    assert _predict(bundle, [tmp_path / "in"], tmp_path / "in" / "preds") == 2
+    assert "lies inside the input folder" in capsys.readouterr().err
+    assert not (tmp_path / "in" / "preds").exists()
+
+
+def test_input_folders_take_images_and_series_and_say_what_they_skip(
+    bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from medseg.cli.predict_cmd import expand_inputs
+
+    a = save_volume(_scan(AFFINES["RAS"]), tmp_path / "in" / "a.nii.gz")
+    b = save_volume(_scan(AFFINES["RAS"]), tmp_path / "in" / "b.nrrd")
+    series = write_dicom_series(_scan(AFFINES["LPS"]), tmp_path / "in" / "series1")
+    (tmp_path / "in" / "old_predictions").mkdir()
+    (tmp_path / "in" / "notes.csv").write_text("x")
+    (tmp_path / "in" / ".hidden").write_text("x")
+    with caplog.at_level("WARNING"):
+        assert expand_inputs([tmp_path / "in"]) == [a, b, series]
+    assert "skipped 2 entries" in caplog.text and "notes.csv, old_predictions/" in caplog.text
+    assert expand_inputs([series]) == [series]
 
 
 def test_duplicate_case_names_are_refused(
@@ -272,8 +293,13 @@ def test_dicom_seg_output_reads_back_equal_to_the_nifti(bundle: Path, tmp_path: 
     assert names == [{1: "a", 2: "b"}[v] for v in present]
     for k, v in enumerate(present):
         np.testing.assert_array_equal(masks.array[k], nifti.array[0] == v)
-    # a NIfTI input cannot become a DICOM SEG: that case fails clearly, the others go on
+    # --format both on a mixed batch: the NIfTI input gets its NIfTI output (and no SEG), exit 0
     save_volume(_scan(AFFINES["RAS"]), tmp_path / "nii" / "x.nii.gz")
+    assert _predict(bundle, [dicom, tmp_path / "nii" / "x.nii.gz"], tmp_path / "o3", "--format", "both") == 0
+    assert (tmp_path / "o3" / "x.nii.gz").is_file() and not (tmp_path / "o3" / "x_seg.dcm").exists()
+    assert _predict(bundle, [dicom, tmp_path / "nii" / "x.nii.gz"], tmp_path / "o3", "--format", "both") == 0
+    assert all(c["skipped"] for c in json.loads((tmp_path / "o3" / "predict.json").read_text())["cases"])
+    # a NIfTI input cannot become a DICOM SEG: that case fails clearly, the others go on
     assert _predict(bundle, [tmp_path / "nii" / "x.nii.gz"], tmp_path / "out2", "--format", "dicom-seg") == 1
     failures = json.loads((tmp_path / "out2" / "predict.json").read_text())["failures"]
     assert "needs a DICOM series folder" in failures[0]["error"]
@@ -401,8 +427,12 @@ def test_rerun_with_more_outputs_is_not_skipped(bundle: Path, tmp_path: Path) ->
     assert _predict(bundle, [tmp_path / "in" / "c.nii.gz"], out, "--save-probabilities") == 0
     manifest = json.loads((out / "predict.json").read_text())
     assert not manifest["cases"][0].get("skipped") and (out / "c_probabilities.npy").is_file()
+    first = json.loads((out / "predict.json").read_text())
     assert _predict(bundle, [tmp_path / "in" / "c.nii.gz"], out, "--save-probabilities") == 0
-    assert json.loads((out / "predict.json").read_text())["cases"][0]["skipped"] is True
+    row = json.loads((out / "predict.json").read_text())["cases"][0]
+    # the skipped case keeps what the run that made its outputs recorded
+    assert row["skipped"] is True and row["outputs"] == first["cases"][0]["outputs"]
+    assert row["seconds"] == first["cases"][0]["seconds"] and row["predicted"] == first["created"]
 
 
 def test_failed_write_leaves_no_probability_file(bundle: Path, tmp_path: Path, monkeypatch) -> None:
@@ -426,4 +456,56 @@ def test_bad_options_and_wrong_inputs_are_clear_errors(bundle: Path, tmp_path: P
     save_volume(two.with_array(np.concatenate([two.array, two.array])), tmp_path / "in2" / "d.nii.gz")
     assert _predict(bundle, [tmp_path / "in2" / "d.nii.gz"], tmp_path / "o2") == 1
     err = json.loads((tmp_path / "o2" / "predict.json").read_text())["failures"][0]["error"]
-    assert "2 channel(s), the model expects 1" in err
+    assert "2 channel(s), the model expects 1" in err and not err.startswith(str(tmp_path))  # path once
+    assert _predict(bundle, [tmp_path / "in" / "c.nii.gz"], tmp_path / "o3", "--max-memory", "-1") == 2
+    assert "--max-memory -1.0: expected a positive number" in capsys.readouterr().err
+    assert _predict(bundle, [tmp_path / "in" / "c.nii.gz"], tmp_path / "o4", "--device", "gpu") == 2
+    assert "--device 'gpu': expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    # a 2D image for a 3D model: a clear error (before any memory estimate), the batch goes on
+    save_volume(Volume(np.zeros((1, 20, 16), np.uint8), np.eye(4)), tmp_path / "in3" / "xray.png")
+    assert (
+        _predict(bundle, [tmp_path / "in3" / "xray.png", tmp_path / "in" / "c.nii.gz"], tmp_path / "o5") == 1
+    )
+    manifest = json.loads((tmp_path / "o5" / "predict.json").read_text())
+    assert "a 2D image (20x16), but the model is 3D" in manifest["failures"][0]["error"]
+    assert len(manifest["cases"]) == 1
+
+
+def test_run_directory_problems_are_explained(bundle: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    save_volume(_scan(AFFINES["RAS"]), tmp_path / "in" / "c.nii.gz")
+    run = tmp_path / "run"
+    shutil.copytree(bundle, run)
+    (run / "checkpoints" / "best.pt").rename(run / "checkpoints" / "last.pt")
+    assert _predict(run, [tmp_path / "in" / "c.nii.gz"], tmp_path / "o1") == 0
+    err = capsys.readouterr().err
+    assert "no checkpoints/best.pt" in err and "using checkpoints/last.pt" in err
+    assert err.count("no config.yaml; predicting with built-in defaults and no post-processing") == 1
+    manifest = json.loads((tmp_path / "o1" / "predict.json").read_text())
+    assert manifest["checkpoint"] == "last.pt"
+    assert manifest["postprocessing"] == {
+        "single_component": [],
+        "min_component_mm3": 0.0,
+        "fill_holes": False,
+    }
+    (run / "checkpoints" / "last.pt").unlink()
+    assert _predict(run, [tmp_path / "in" / "c.nii.gz"], tmp_path / "o2") == 2
+    assert (
+        "no checkpoint (looked for checkpoints/best.pt, then checkpoints/last.pt)" in capsys.readouterr().err
+    )
+
+
+def test_files_named_like_further_channels_are_flagged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from medseg.inference.predict import group_inputs
+
+    files = [tmp_path / "pat_0000.nii.gz", tmp_path / "pat_0001.nii.gz"]
+    with caplog.at_level("WARNING"):
+        assert [name for name, _ in group_inputs(files, 1)] == ["pat", "pat_0001"]
+    assert "pat_0001: named like further channels of the cases pat" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        group_inputs([tmp_path / "amos_0500.nii.gz", tmp_path / "amos_0501.nii.gz"], 1)
+    assert caplog.text == ""
