@@ -13,11 +13,15 @@ of this script with the same environment, and reports its own peak RSS (``VmHWM`
 - ``monai one-shot``: the same preprocessing, MONAI ``sliding_window_inference`` over the whole
   preprocessed image, softmax and full-volume restoration (what a straightforward pipeline does).
 
+Every child first sets the allocator as ``medseg predict`` does for its process
+(:func:`medseg.inference.engine.tune_allocator`); with ``MEDSEG_MALLOC=default`` in the environment
+all children keep glibc's defaults.
+
 The network has random weights (memory does not depend on them) and ``--classes`` outputs. Targets
 (issue #4): 512×512×1000 costs ≤ 1.3× the peak of 512×512×250; a 20-class model on 512×512×600 stays
 under 6 GB. Writes a markdown table to ``--out``.
 
-    python scripts/bench_inference_memory.py --out docs/bench_inference_memory.md
+    python scripts/bench_inference_memory.py --slices 250 1000 --inputs nifti dicom sagittal --loaded
 """
 
 from __future__ import annotations
@@ -95,8 +99,9 @@ def make_scan(path: Path, z: int, fmt: str) -> None:
 
 
 def child(kind: str, run: Path, scan: Path, out: Path) -> dict:
-    from medseg.inference.engine import peak_rss_bytes
+    from medseg.inference.engine import peak_rss_bytes, tune_allocator
 
+    tune_allocator()  # what `medseg predict` does for its process (MEDSEG_MALLOC=default: not)
     t0 = time.perf_counter()
     if kind.startswith("medseg"):
         import medseg.inference.predict

@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# `medseg predict` tunes glibc's allocator for its process (medseg.inference.engine.tune_allocator);
+# in the test process that would slow every later training test, so in-process CLI calls leave it
+# alone. Tests that check the tuning run `medseg predict` in a subprocess without this variable.
+os.environ["MEDSEG_MALLOC"] = "default"
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")

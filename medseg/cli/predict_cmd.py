@@ -187,6 +187,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_memory is not None and not args.max_memory > 0:
         raise MedsegError(f"--max-memory {args.max_memory}: expected a positive number of GB (e.g. 8)")
     check_output_folder(args.input, args.output)
+    from medseg.inference.engine import tune_allocator
+
+    if tune_allocator():
+        logger.debug("allocator: freed memory kept for reuse (MEDSEG_MALLOC=default to turn off)")
     inputs = expand_inputs(args.input)
     if not inputs:
         raise MedsegError(f"no inputs found in {[str(i) for i in args.input]}")

@@ -1034,3 +1034,31 @@ def peak_rss_bytes() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+#: glibc ``mallopt`` parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in the process for reuse (glibc): no ``mmap`` for large blocks, no trimming.
+
+    On this kind of VM every fresh page costs a fault (freed memory goes back to the host, ≈ 2 s/GiB
+    to touch again), and sliding-window inference allocates and frees window-sized tensors
+    thousands of times; with glibc's defaults each large one is a fresh ``mmap``. Measured with
+    ``scripts/bench_inference_memory.py``: 512×512×1000 predicted in about half the time, for a peak
+    about 20 % higher (docs/benchmarks.md). ``medseg predict`` calls this for its own process; it is
+    not the default of the library because the same settings made a training step several times
+    slower (DESIGN §11). Set ``MEDSEG_MALLOC=default`` to leave the allocator alone. Returns whether
+    the settings were applied (False elsewhere than glibc).
+    """
+    import ctypes
+    import os
+
+    if os.environ.get("MEDSEG_MALLOC", "").lower() == "default":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False

@@ -509,3 +509,40 @@ def test_files_named_like_further_channels_are_flagged(
     with caplog.at_level("WARNING"):
         group_inputs([tmp_path / "amos_0500.nii.gz", tmp_path / "amos_0501.nii.gz"], 1)
     assert caplog.text == ""
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA"
+)
+def test_cuda_without_a_gpu_names_the_flag(bundle: Path, tmp_path: Path, capsys) -> None:
+    save_volume(_scan(AFFINES["RAS"]), tmp_path / "in" / "c.nii.gz")
+    assert _predict(bundle, [tmp_path / "in" / "c.nii.gz"], tmp_path / "o", "--device", "cuda") == 2
+    assert (
+        "--device is 'cuda' but no CUDA device is available here; use cpu or auto" in capsys.readouterr().err
+    )
+
+
+def test_predict_process_tunes_its_allocator(bundle: Path, tmp_path: Path) -> None:
+    """`medseg predict` in its own process keeps freed memory for reuse (unless MEDSEG_MALLOC=default)."""
+    import os
+    import subprocess
+    import sys
+
+    save_volume(_scan(AFFINES["RAS"]), tmp_path / "in" / "c.nii.gz")
+    cmd = [sys.executable, "-m", "medseg", "-v", "predict", "--model", str(bundle), "--no-progress"]
+    cmd += ["--input", str(tmp_path / "in" / "c.nii.gz"), "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k != "MEDSEG_MALLOC"}
+    res = subprocess.run([*cmd, "--output", str(tmp_path / "o1")], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "allocator: freed memory kept for reuse" in res.stderr
+    res = subprocess.run(
+        [*cmd, "--output", str(tmp_path / "o2")],
+        env={**env, "MEDSEG_MALLOC": "default"},
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0 and "allocator:" not in res.stderr
+    assert (
+        load_volume(tmp_path / "o1" / "c.nii.gz").array.tolist()
+        == load_volume(tmp_path / "o2" / "c.nii.gz").array.tolist()
+    )
