@@ -118,8 +118,9 @@ def expand_inputs(items: list[Path]) -> list[Path]:
     """Files, DICOM folders, folders of inputs, and text files listing inputs -> a flat input list.
 
     A folder holding DICOM files is one series. Any other folder is scanned one level deep: image
-    files by suffix (NIfTI, NRRD/MHA, PNG/JPEG/..., ``.dcm``) and sub-folders that hold DICOM files
-    (series); anything else in it is skipped with a warning. A ``.txt`` file lists inputs, one per line (``#``
+    files by suffix (NIfTI, NRRD/MHA, PNG/JPEG/..., ``.dcm``) and sub-folders, each taken as a DICOM
+    series (one that is not fails as its own case, with the reason); other files are skipped with a
+    warning. A ``.txt`` file lists inputs, one per line (``#``
     comments and blank lines are ignored; relative paths are relative to the list's folder).
     """
     from medseg.io import is_dicom_file
@@ -144,16 +145,16 @@ def expand_inputs(items: list[Path]) -> list[Path]:
                 continue
             skipped = []
             for f in sorted(f for f in item.iterdir() if not f.name.startswith(".")):
-                if f.is_dir() and holds_dicom(f) or f.is_file() and f.name.lower().endswith(suffixes):
+                if f.is_dir() or f.name.lower().endswith(suffixes):
                     out.append(f)
                 else:
-                    skipped.append(f.name + ("/" if f.is_dir() else ""))
+                    skipped.append(f.name)
             if skipped:
                 logger.warning(
-                    "%s: skipped %d entr%s that %s neither an image file (%s) nor a DICOM series folder: %s",
+                    "%s: skipped %d file%s that %s not an image (%s): %s",
                     item,
                     len(skipped),
-                    "y" if len(skipped) == 1 else "ies",
+                    "" if len(skipped) == 1 else "s",
                     "is" if len(skipped) == 1 else "are",
                     " ".join(suffixes),
                     ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""),
@@ -179,6 +180,20 @@ def check_output_folder(items: list[Path], output: Path) -> None:
             )
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM (a scheduler's time limit, ``kill``) into SystemExit, so that temporary files
+    (decompressed NIfTI, decoded DICOM series) and half-written outputs are removed on the way out."""
+    import signal
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (e.g. called from a worker): leave the default
+        pass
+
+
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -187,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_memory is not None and not args.max_memory > 0:
         raise MedsegError(f"--max-memory {args.max_memory}: expected a positive number of GB (e.g. 8)")
     check_output_folder(args.input, args.output)
+    _exit_cleanly_on_sigterm()
     from medseg.inference.engine import tune_allocator
 
     if tune_allocator():

@@ -1006,14 +1006,32 @@ def estimate_memory(image: Volume, plan: Plan, opts: EngineOptions, *, params: i
 
 
 def available_memory() -> int | None:
-    """Bytes the kernel says can be allocated without swapping (``MemAvailable``), or None."""
+    """Bytes this process can allocate without swapping, or None: what the kernel says is available
+    (``MemAvailable``) plus what the process's allocator holds free for reuse (glibc's free heap,
+    which :func:`tune_allocator` keeps instead of returning it, e.g. after an earlier case)."""
     try:
         for line in open("/proc/meminfo"):
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                return int(line.split()[1]) * 1024 + _free_heap_bytes()
     except OSError:
         return None
     return None
+
+
+def _free_heap_bytes() -> int:
+    """Free bytes inside glibc's heap (``mallinfo2().fordblks``), 0 where that is not available."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                    "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):  # not glibc, or glibc < 2.33
+        return 0
+    fn.restype = MallInfo2
+    return int(fn().fordblks)
 
 
 def peak_rss_bytes() -> int:

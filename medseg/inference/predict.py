@@ -564,16 +564,18 @@ def _write_report(image: Volume, pred: Volume, bundle: ModelBundle, out: Path) -
     return list(write_report(image, pred, out, spec=spec, provenance=provenance).values())
 
 
-def _earlier_rows(manifest: Path) -> dict[str, dict[str, Any]]:
-    """Case rows of an earlier ``predict.json`` in the output folder, by case, each with the time
-    of that run (``predicted``): a re-run that skips a case keeps what is known about its output."""
+def _earlier_rows(manifest: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """Case rows of an earlier ``predict.json`` in the output folder, by ``(case, input)``: a re-run
+    that skips a case keeps what is known about its output. A row of a case that run predicted gets
+    that run's time (``predicted``); a row it skipped keeps its own ``predicted``, if it had one."""
     try:
         old = json.loads(manifest.read_text())
-        return {
-            r["case"]: {"predicted": r.get("predicted", old.get("created")), **r}
-            for r in old.get("cases", [])
-            if isinstance(r, dict) and "case" in r
-        }
+        rows = {}
+        for r in old.get("cases", []):
+            if isinstance(r, dict) and "case" in r:
+                stamp = {} if r.get("skipped") else {"predicted": old.get("created")}
+                rows[r["case"], str(r.get("input"))] = {**stamp, **r}
+        return rows
     except (OSError, ValueError, AttributeError, TypeError):
         return {}
 
@@ -624,7 +626,9 @@ def predict_files(
                 case_batch = replace(batch, output_format="nifti")
             expected = _expected_outputs(out_dir, name, paths[0], bundle.plan, case_batch)
             if all(p.exists() for p in expected) and not batch.overwrite:
-                rows.append({**earlier.get(name, {"input": str(paths[0]), "case": name}), "skipped": True})
+                row_input = [str(p) for p in paths] if len(paths) > 1 else str(paths[0])
+                key = (name, str(row_input))
+                rows.append({**earlier.get(key, {"input": row_input, "case": name}), "skipped": True})
                 continue
             rows.append(predict_case(bundle, paths, out_dir, name, opts, case_batch))
         except Exception as exc:  # noqa: BLE001 - one bad input must not stop the batch

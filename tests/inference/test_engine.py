@@ -467,3 +467,22 @@ def test_peak_rss_is_this_process_not_its_parent():
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     )
     assert 10 * 2**20 < child < 2**29
+
+
+def test_memory_kept_by_the_tuned_allocator_still_counts_as_available():
+    """After tune_allocator, freed blocks stay in the process; available_memory must still count them
+    (else a later case in a batch would be refused). Run in a child: the tuning is process-wide."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from medseg.inference.engine import available_memory, tune_allocator\n"
+        "assert tune_allocator()\n"
+        "before = available_memory()\n"
+        "x = np.ones(2**26); x[:] = 2; keep = np.ones(16); del x\n"  # 512 MiB freed below a live block
+        "print((before - available_memory()) / 2**20)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MEDSEG_MALLOC"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert float(out.stdout) < 128, f"available memory dropped by {out.stdout.strip()} MiB"

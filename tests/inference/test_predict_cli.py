@@ -148,12 +148,13 @@ def test_input_folders_take_images_and_series_and_say_what_they_skip(
     a = save_volume(_scan(AFFINES["RAS"]), tmp_path / "in" / "a.nii.gz")
     b = save_volume(_scan(AFFINES["RAS"]), tmp_path / "in" / "b.nrrd")
     series = write_dicom_series(_scan(AFFINES["LPS"]), tmp_path / "in" / "series1")
-    (tmp_path / "in" / "old_predictions").mkdir()
+    (tmp_path / "in" / "patient7" / "CT").mkdir(parents=True)  # nested: fails as a case, with the reason
     (tmp_path / "in" / "notes.csv").write_text("x")
+    (tmp_path / "in" / "readme.txt").write_text("x")
     (tmp_path / "in" / ".hidden").write_text("x")
     with caplog.at_level("WARNING"):
-        assert expand_inputs([tmp_path / "in"]) == [a, b, series]
-    assert "skipped 2 entries" in caplog.text and "notes.csv, old_predictions/" in caplog.text
+        assert expand_inputs([tmp_path / "in"]) == [a, b, tmp_path / "in" / "patient7", series]
+    assert "skipped 2 files that are not an image" in caplog.text and "notes.csv, readme.txt" in caplog.text
     assert expand_inputs([series]) == [series]
 
 
@@ -433,6 +434,15 @@ def test_rerun_with_more_outputs_is_not_skipped(bundle: Path, tmp_path: Path) ->
     # the skipped case keeps what the run that made its outputs recorded
     assert row["skipped"] is True and row["outputs"] == first["cases"][0]["outputs"]
     assert row["seconds"] == first["cases"][0]["seconds"] and row["predicted"] == first["created"]
+    # once more: the run that predicted it is still the one named, not the run that skipped it
+    (out / "predict.json").write_text((out / "predict.json").read_text().replace(first["created"], "T-first"))
+    assert _predict(bundle, [tmp_path / "in" / "c.nii.gz"], out, "--save-probabilities") == 0
+    assert json.loads((out / "predict.json").read_text())["cases"][0]["predicted"] == "T-first"
+    # another input with the same case name: nothing of the earlier row is claimed for it
+    save_volume(_scan(AFFINES["LPS"]), tmp_path / "other" / "c.nii.gz")
+    assert _predict(bundle, [tmp_path / "other" / "c.nii.gz"], out, "--save-probabilities") == 0
+    row = json.loads((out / "predict.json").read_text())["cases"][0]
+    assert row == {"input": str(tmp_path / "other" / "c.nii.gz"), "case": "c", "skipped": True}
 
 
 def test_failed_write_leaves_no_probability_file(bundle: Path, tmp_path: Path, monkeypatch) -> None:
@@ -546,3 +556,32 @@ def test_predict_process_tunes_its_allocator(bundle: Path, tmp_path: Path) -> No
         load_volume(tmp_path / "o1" / "c.nii.gz").array.tolist()
         == load_volume(tmp_path / "o2" / "c.nii.gz").array.tolist()
     )
+
+
+def test_sigterm_removes_the_temporary_scan_file(bundle: Path, tmp_path: Path) -> None:
+    """A `medseg predict` stopped by SIGTERM while streaming a DICOM series leaves no decoded copy."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    series = write_dicom_series(_scan(AFFINES["LPS"], shape=(160, 160, 96)), tmp_path / "in" / "series1")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    cmd = [sys.executable, "-m", "medseg", "predict", "--model", str(bundle), "--input", str(series)]
+    proc = subprocess.Popen(
+        [*cmd, "--output", str(tmp_path / "o"), "--no-progress", "--device", "cpu"], env=env
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp.glob("medseg-dicom-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert list(tmp.glob("medseg-dicom-*")), "the series is streamed through a temporary file"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert list(tmp.iterdir()) == []
+    assert not (tmp_path / "o" / "series1.nii.gz").exists()

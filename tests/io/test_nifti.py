@@ -184,9 +184,10 @@ def test_block_reader_reads_any_box(tmp_path, suffix, monkeypatch):
     from medseg.io import _slabs
     from medseg.io.nifti import NiftiSlabs
 
-    data = np.random.default_rng(1).integers(-1000, 1000, (9, 7, 11)).astype(">i2")  # big-endian on disk
+    data = np.random.default_rng(1).integers(-1000, 1000, (9, 7, 11)).astype(np.int16)
     path = tmp_path / f"x{suffix}"
-    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    nib.save(nib.Nifti1Image(data, np.eye(4), nib.Nifti1Header(endianness=">")), str(path))
+    assert nib.load(str(path)).header.endianness == ">"  # big-endian on disk
     monkeypatch.setattr(_slabs, "_MAP_BYTES", 3 * 9 * 7 * 2)  # three slices per mapping
     boxes = [
         (slice(None), slice(2, 5), slice(None)),
