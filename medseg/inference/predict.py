@@ -596,6 +596,7 @@ def predict_files(
     the others go on. The manifest is written to ``out_dir/predict.json``.
     """
 
+    import torch
     from tqdm.auto import tqdm
 
     bundle = load_bundle(run_dir, device=device)
@@ -642,6 +643,7 @@ def predict_files(
         "checkpoint": bundle.checkpoint,
         "config_hash": bundle.meta.get("config_hash"),
         "device": str(bundle.device),
+        "cpu_threads": torch.get_num_threads(),
         "options": {
             **{k: v for k, v in asdict(opts).items() if k != "progress"},
             "format": batch.output_format,

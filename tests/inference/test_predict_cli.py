@@ -363,6 +363,7 @@ def test_probabilities_match_the_label_map(bundle: Path, tmp_path: Path) -> None
         "total",
     }
     assert {"medseg", "torch", "monai"} <= set(manifest["versions"])
+    assert manifest["cpu_threads"] == __import__("torch").get_num_threads()
 
 
 def test_coarse_roi_and_resample_flags_reach_the_engine(bundle: Path, tmp_path: Path) -> None:
