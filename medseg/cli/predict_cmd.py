@@ -120,8 +120,8 @@ def expand_inputs(items: list[Path]) -> list[Path]:
     A folder holding DICOM files is one series. Any other folder is scanned one level deep: image
     files by suffix (NIfTI, NRRD/MHA, PNG/JPEG/..., ``.dcm``) and sub-folders, each taken as a DICOM
     series (one that is not fails as its own case, with the reason); other files are skipped with a
-    warning. A ``.txt`` file lists inputs, one per line (``#``
-    comments and blank lines are ignored; relative paths are relative to the list's folder).
+    warning. A ``.txt`` file lists inputs, one per line (``#`` comments and blank lines are
+    ignored; relative paths are relative to the list's folder).
     """
     from medseg.io import is_dicom_file
 

@@ -595,7 +595,6 @@ def predict_files(
     skipped unless ``batch.overwrite``; a failing case is logged and listed under ``failures`` while
     the others go on. The manifest is written to ``out_dir/predict.json``.
     """
-
     import torch
     from tqdm.auto import tqdm
 
