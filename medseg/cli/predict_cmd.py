@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
 
     from medseg.inference.predict import BatchOptions, predict_files
 
-    if args.max_memory is not None and not args.max_memory > 0:
+    if args.max_memory is not None and not 0 < args.max_memory < float("inf"):
         raise MedsegError(f"--max-memory {args.max_memory}: expected a positive number of GB (e.g. 8)")
     check_output_folder(args.input, args.output)
     _exit_cleanly_on_sigterm()
@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
         report=args.report,
         combined_labels=args.combined_labels,
         overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=not (args.no_progress or getattr(args, "quiet", False)),
         max_memory_bytes=int(args.max_memory * 2**30) if args.max_memory is not None else None,
     )
     manifest = predict_files(args.model, inputs, args.output, device=args.device, engine=engine, batch=batch)

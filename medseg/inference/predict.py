@@ -415,8 +415,14 @@ def check_memory(vol: Volume, bundle: ModelBundle, opts: EngineOptions, limit: i
         src, k = vol.meta.get("source", "scan"), bundle.plan.out_channels
         raise DataError(
             f"{src}: predicting {vol.spatial_shape} needs ~{est['total'] / gb:.2f} GB (accumulator "
-            f"{est['accumulator'] / gb:.2f} GB for {k} channels), but only {avail / gb:.2f} GB is "
-            "available; lower it with " + ", or ".join(hints)
+            f"{est['accumulator'] / gb:.2f} GB for {k} channels), but "
+            + (
+                f"the limit is {avail / gb:.2f} GB (--max-memory)"
+                if limit is not None
+                else f"only {avail / gb:.2f} GB is available"
+            )
+            + "; lower it with "
+            + ", or ".join(hints)
         )
     return est
 

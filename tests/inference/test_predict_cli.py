@@ -381,7 +381,7 @@ def test_memory_refusal_names_the_flags_and_writes_nothing(bundle: Path, tmp_pat
     out = tmp_path / "out"
     assert _predict(bundle, [tmp_path / "in" / "big.nii.gz"], out, "--max-memory", "0.0001") == 1
     err = json.loads((out / "predict.json").read_text())["failures"][0]["error"]
-    assert "GB is available" in err and "--low-memory" in err and "--max-memory" in err
+    assert "but the limit is 0.00 GB (--max-memory)" in err and "--low-memory" in err
     assert not (out / "big.nii.gz").exists()
 
 
@@ -470,6 +470,8 @@ def test_bad_options_and_wrong_inputs_are_clear_errors(bundle: Path, tmp_path: P
     assert "2 channel(s), the model expects 1" in err and not err.startswith(str(tmp_path))  # path once
     assert _predict(bundle, [tmp_path / "in" / "c.nii.gz"], tmp_path / "o3", "--max-memory", "-1") == 2
     assert "--max-memory -1.0: expected a positive number" in capsys.readouterr().err
+    assert _predict(bundle, [tmp_path / "in" / "c.nii.gz"], tmp_path / "o3", "--max-memory", "inf") == 2
+    assert "--max-memory inf: expected a positive number" in capsys.readouterr().err
     assert _predict(bundle, [tmp_path / "in" / "c.nii.gz"], tmp_path / "o4", "--device", "gpu") == 2
     assert "--device 'gpu': expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
     # a 2D image for a 3D model: a clear error (before any memory estimate), the batch goes on
@@ -586,3 +588,20 @@ def test_sigterm_removes_the_temporary_scan_file(bundle: Path, tmp_path: Path) -
         proc.kill()
     assert list(tmp.iterdir()) == []
     assert not (tmp_path / "o" / "series1.nii.gz").exists()
+
+
+def test_quiet_hides_the_progress_bar(bundle: Path, tmp_path: Path, capsys) -> None:
+    save_volume(_scan(AFFINES["RAS"]), tmp_path / "in" / "c.nii.gz")
+    args = [
+        "predict",
+        "--model",
+        str(bundle),
+        "--input",
+        str(tmp_path / "in" / "c.nii.gz"),
+        "--device",
+        "cpu",
+    ]
+    assert main([*args, "--output", str(tmp_path / "o1")]) == 0
+    assert "predict: 100%" in capsys.readouterr().err
+    assert main(["-q", *args, "--output", str(tmp_path / "o2")]) == 0
+    assert "predict:" not in capsys.readouterr().err
