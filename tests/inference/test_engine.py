@@ -479,10 +479,13 @@ def test_memory_kept_by_the_tuned_allocator_still_counts_as_available():
         "import numpy as np\n"
         "from medseg.inference.engine import available_memory, tune_allocator\n"
         "assert tune_allocator()\n"
-        "before = available_memory()\n"
         "x = np.ones(2**26); x[:] = 2; keep = np.ones(16); del x\n"  # 512 MiB freed below a live block
-        "print((before - available_memory()) / 2**20)\n"
+        "total = available_memory()\n"
+        "info = open('/proc/meminfo').read().split('MemAvailable:')[1]\n"
+        "kernel = int(info.split()[0]) * 1024\n"
+        "print((total - kernel) / 2**20)\n"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "MEDSEG_MALLOC"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    assert float(out.stdout) < 128, f"available memory dropped by {out.stdout.strip()} MiB"
+    # the kept 512 MiB are counted on top of what the kernel reports (two reads microseconds apart)
+    assert 480 < float(out.stdout) < 1024, f"counted {out.stdout.strip()} MiB of the process's free heap"
