@@ -40,7 +40,7 @@ MALLOC_TRIM_THRESHOLD_=68719476736`` (DESIGN §11) for all children, ``default``
 process, in rotating order (a b c, b c a, c a b, ...) so that drift on a shared machine spreads evenly;
 the table gives the median seconds (and the minimum). The clock starts after the imports, before the run
 directory is loaded. A child reports its own peak RSS (``VmHWM`` by
-:func:`medseg.inference.engine.peak_rss_bytes`, which includes the imports; ``ru_maxrss`` would include
+:func:`medseg.inference.process.peak_rss_bytes`, which includes the imports; ``ru_maxrss`` would include
 this parent's peak; the RSS after the imports is in brackets) and its stage times. Windows are counted,
 and the network's own time summed, by forward hooks on the loaded model (for (a) by wrapping
 ``load_bundle``); windows/s is windows over end-to-end seconds, ms/window is network seconds per window.
@@ -398,7 +398,7 @@ def _child_nnunet(args: argparse.Namespace, meter: ForwardMeter, st: Stages) -> 
 def child_main(args: argparse.Namespace) -> int:
     import torch
 
-    from medseg.inference.engine import peak_rss_bytes
+    from medseg.inference.process import peak_rss_bytes
 
     torch.set_num_threads(args.threads)
     # the same imports for every contender, outside the clock (a cold `import monai` alone takes seconds)

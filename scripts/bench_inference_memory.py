@@ -2,7 +2,7 @@
 
 Each measurement runs in its own child process (this script with ``--child``), started from one run
 of this script with the same environment, and reports its own peak RSS (``VmHWM``, see
-:func:`medseg.inference.engine.peak_rss_bytes`: ``ru_maxrss`` would include this parent's peak) and time:
+:func:`medseg.inference.process.peak_rss_bytes`: ``ru_maxrss`` would include this parent's peak) and time:
 
 - ``medseg``: the real user path, :func:`medseg.inference.predict.predict_files` (read the scan block
   by block -> slab-wise engine -> write NIfTI), on 512×512×Z synthetic body phantoms (0.8×0.8×1 mm,
@@ -14,7 +14,7 @@ of this script with the same environment, and reports its own peak RSS (``VmHWM`
   preprocessed image, softmax and full-volume restoration (what a straightforward pipeline does).
 
 Every child first sets the allocator as ``medseg predict`` does for its process
-(:func:`medseg.inference.engine.tune_allocator`); with ``MEDSEG_MALLOC=default`` in the environment
+(:func:`medseg.inference.process.tune_allocator`); with ``MEDSEG_MALLOC=default`` in the environment
 all children keep glibc's defaults.
 
 The network has random weights (memory does not depend on them) and ``--classes`` outputs. Targets
@@ -99,7 +99,7 @@ def make_scan(path: Path, z: int, fmt: str) -> None:
 
 
 def child(kind: str, run: Path, scan: Path, out: Path) -> dict:
-    from medseg.inference.engine import peak_rss_bytes, tune_allocator
+    from medseg.inference.process import peak_rss_bytes, tune_allocator
 
     tune_allocator()  # what `medseg predict` does for its process (MEDSEG_MALLOC=default: not)
     t0 = time.perf_counter()

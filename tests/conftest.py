@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-# `medseg predict` tunes glibc's allocator for its process (medseg.inference.engine.tune_allocator);
+# `medseg predict` tunes glibc's allocator for its process (medseg.inference.process.tune_allocator);
 # in the test process that would slow every later training test, so in-process CLI calls leave it
 # alone. Tests that check the tuning run `medseg predict` in a subprocess without this variable.
 os.environ["MEDSEG_MALLOC"] = "default"

@@ -166,20 +166,6 @@ def expand_inputs(items: list[Path]) -> list[Path]:
     return out
 
 
-def check_output_folder(items: list[Path], output: Path) -> None:
-    """Refuse an output folder that is, or lies inside, a folder given as input: a later run over
-    that folder would take the predictions for inputs."""
-    ro = output.resolve()
-    for item in items:
-        ri = item.resolve()
-        if item.is_dir() and (ro == ri or ri in ro.parents):
-            raise MedsegError(
-                f"--output {output} lies inside the input folder {item}: predictions are never written "
-                "among the inputs (a later run over that folder would read them as scans); choose an "
-                "output folder outside it"
-            )
-
-
 def _exit_cleanly_on_sigterm() -> None:
     """Turn SIGTERM (a scheduler's time limit, ``kill``) into SystemExit, so that temporary files
     (decompressed NIfTI, decoded DICOM series) and half-written outputs are removed on the way out."""
@@ -197,13 +183,14 @@ def _exit_cleanly_on_sigterm() -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from medseg.inference.predict import BatchOptions, predict_files
+    from medseg.inference.predict import BatchOptions, check_output_folder, predict_files
 
     if args.max_memory is not None and not 0 < args.max_memory < float("inf"):
         raise MedsegError(f"--max-memory {args.max_memory}: expected a positive number of GB (e.g. 8)")
-    check_output_folder(args.input, args.output)
+    folders = [item for item in args.input if item.is_dir()]
+    check_output_folder(args.output, folders=folders)  # before any work; predict_files checks files too
     _exit_cleanly_on_sigterm()
-    from medseg.inference.engine import tune_allocator
+    from medseg.inference.process import tune_allocator
 
     if tune_allocator():
         logger.debug("allocator: freed memory kept for reuse (MEDSEG_MALLOC=default to turn off)")
@@ -239,7 +226,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not (args.no_progress or getattr(args, "quiet", False)),
         max_memory_bytes=int(args.max_memory * 2**30) if args.max_memory is not None else None,
     )
-    manifest = predict_files(args.model, inputs, args.output, device=args.device, engine=engine, batch=batch)
+    manifest = predict_files(
+        args.model, inputs, args.output, device=args.device, engine=engine, batch=batch, input_folders=folders
+    )
     done = [c for c in manifest["cases"] if not c.get("skipped")]
     skipped = [c for c in manifest["cases"] if c.get("skipped")]
     print(

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -24,14 +25,9 @@ import numpy as np
 
 from medseg.data.plan import Plan
 from medseg.errors import DataError
-from medseg.inference.engine import (
-    EngineOptions,
-    EngineStats,
-    ProbabilitySink,
-    check_input,
-    peak_rss_bytes,
-)
+from medseg.inference.engine import EngineOptions, EngineStats, ProbabilitySink, check_input
 from medseg.inference.postprocess import PostProcessing, postprocess_label_map, postprocess_masks
+from medseg.inference.process import peak_rss_bytes
 from medseg.io._atomic import atomic_write
 from medseg.types import Volume
 
@@ -392,7 +388,8 @@ def _versions() -> dict[str, str]:
 
 def check_memory(vol: Volume, bundle: ModelBundle, opts: EngineOptions, limit: int | None) -> dict[str, int]:
     """Estimate what predicting ``vol`` needs, log it, and refuse (:class:`DataError`) if it won't fit."""
-    from medseg.inference.engine import available_memory, estimate_memory
+    from medseg.inference.engine import estimate_memory
+    from medseg.inference.process import available_memory
 
     est = estimate_memory(vol, bundle.plan, opts, params=bundle.n_params)
     avail = limit if limit is not None else available_memory()
@@ -570,6 +567,25 @@ def _write_report(image: Volume, pred: Volume, bundle: ModelBundle, out: Path) -
     return list(write_report(image, pred, out, spec=spec, provenance=provenance).values())
 
 
+def check_output_folder(out_dir: Path, inputs: Sequence[Path] = (), folders: Sequence[Path] = ()) -> None:
+    """Refuse (:class:`DataError`) an output folder that is the folder of an input, or is or lies
+    inside an input DICOM folder or a folder the inputs were gathered from (``folders``):
+    predictions are never written among the inputs, where a later run would read them as scans."""
+    ro = Path(out_dir).resolve()
+    inside = [Path(p) for p in inputs if ro == Path(p).resolve().parent]
+    inside += [
+        Path(f)
+        for f in (*inputs, *folders)
+        if Path(f).is_dir() and (ro == Path(f).resolve() or Path(f).resolve() in ro.parents)
+    ]
+    if inside:
+        raise DataError(
+            f"--output {out_dir} lies inside the input folder of {inside[0]}: predictions are never "
+            "written among the inputs (a later run over that folder would read them as scans); choose "
+            "an output folder outside it"
+        )
+
+
 def _earlier_rows(manifest: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """Case rows of an earlier ``predict.json`` in the output folder, by ``(case, input)``: a re-run
     that skips a case keeps what is known about its output. A row of a case that run predicted gets
@@ -594,8 +610,12 @@ def predict_files(
     device: str = "auto",
     engine: EngineOptions | None = None,
     batch: BatchOptions | None = None,
+    input_folders: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Predict every input (files or DICOM folders) into ``out_dir``; returns the run manifest.
+
+    ``input_folders`` are the folders the inputs were gathered from: ``out_dir`` may not lie in one
+    (:func:`check_output_folder`).
 
     ``engine`` defaults to the run config's ``predict`` section. Cases whose outputs exist are
     skipped unless ``batch.overwrite``; a failing case is logged and listed under ``failures`` while
@@ -608,10 +628,7 @@ def predict_files(
     opts = engine or bundle.defaults
     batch = batch or BatchOptions()
     out_dir = Path(out_dir)
-    for p in inputs:
-        rp, ro = Path(p).resolve(), out_dir.resolve()
-        if ro == rp.parent or ro == rp or rp in ro.parents and rp.is_dir():
-            raise DataError(f"--output {out_dir} is (inside) the input folder of {p}; choose another folder")
+    check_output_folder(out_dir, inputs, input_folders)
     if batch.combined_labels and (bundle.plan.mode != "sigmoid" or batch.output_format == "dicom-seg"):
         logger.warning(
             "--combined-labels: ignored (%s)",

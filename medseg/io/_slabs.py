@@ -19,7 +19,19 @@ import numpy as np
 from medseg.errors import DataError
 from medseg.types import Volume
 
-_MAP_BYTES = 64 * 2**20
+#: Bytes mapped (or copied) at a time when reading and writing the raw files.
+CHUNK_BYTES = 64 * 2**20
+_MAP_BYTES = CHUNK_BYTES
+
+
+def temp_raw_file(kind: str) -> Path:
+    """A new empty temporary file ``medseg-<kind>-*.raw`` in the system temp dir (``TMPDIR``)."""
+    import os
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix=f"medseg-{kind}-", suffix=".raw")
+    os.close(fd)
+    return Path(name)
 
 
 class NotStreamable(DataError):

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import DataError
-from medseg.io._slabs import NotStreamable, RawSlabs
+from medseg.io._slabs import CHUNK_BYTES, NotStreamable, RawSlabs, temp_raw_file
 from medseg.types import Volume
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,6 @@ TILT_ATOL_MM = 0.02
 ORIENTATION_ATOL = 1e-3
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_COPY_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -745,7 +744,7 @@ class DicomSlabs(RawSlabs):
         self.scale, self.offset = None, 0
         self.dtype = np.dtype(np.float32)
         first: tuple[int, ...] = ()
-        self._tmp = self.raw = self._new_tmp()
+        self._tmp = self.raw = temp_raw_file("dicom")
         try:
             fh = open(self.raw, "wb")  # noqa: SIM115 (reopened when the type widens)
             try:
@@ -775,24 +774,15 @@ class DicomSlabs(RawSlabs):
             raise
         self.shape = (int(first[1]), int(first[0]), len(files))
 
-    @staticmethod
-    def _new_tmp() -> Path:
-        import os
-        import tempfile
-
-        fd, name = tempfile.mkstemp(prefix="medseg-dicom-", suffix=".raw")
-        os.close(fd)
-        return Path(name)
-
     def _widen(self, fh: Any, dtype: np.dtype) -> Any:
         """Rewrite the slices written so far as ``dtype`` (a later slice needs a wider integer type
         than the first); returns the handle to append to."""
         fh.close()
-        old, self._tmp = self._tmp, self._new_tmp()
+        old, self._tmp = self._tmp, temp_raw_file("dicom")
         self.raw = self._tmp
         try:
             with open(old, "rb") as src, open(self.raw, "wb") as dst:
-                while chunk := src.read(_COPY_BYTES - _COPY_BYTES % self.dtype.itemsize):
+                while chunk := src.read(CHUNK_BYTES - CHUNK_BYTES % self.dtype.itemsize):
                     np.frombuffer(chunk, self.dtype).astype(dtype).tofile(dst)
         finally:
             old.unlink(missing_ok=True)

@@ -14,7 +14,7 @@ import numpy as np
 
 from medseg.errors import DataError
 from medseg.io._atomic import atomic_write
-from medseg.io._slabs import NotStreamable, RawSlabs
+from medseg.io._slabs import CHUNK_BYTES, NotStreamable, RawSlabs, temp_raw_file
 from medseg.types import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -49,16 +49,18 @@ def read_nifti(path: str | Path) -> Volume:
         arr = np.moveaxis(arr[:, :, :, 0, :], -1, 0)
     else:
         raise DataError(f"{path}: expected a 2D, 3D or 4D image, found {ndim} dimensions {arr.shape}")
-    header = img.header
-    meta: dict[str, Any] = {
+    # no ascontiguousarray: nibabel gives Fortran order, and a C-order copy would double the peak memory
+    return Volume(arr, np.asarray(img.affine, dtype=np.float64), _meta(path, img.header, ndim))
+
+
+def _meta(path: Path, header: Any, ndim: int) -> dict[str, Any]:
+    return {
         "source": str(path),
         "format": "nifti",
         "ndim_on_disk": ndim,
         "sform_code": int(header["sform_code"]),
         "qform_code": int(header["qform_code"]),
     }
-    # no ascontiguousarray: nibabel gives Fortran order, and a C-order copy would double the peak memory
-    return Volume(arr, np.asarray(img.affine, dtype=np.float64), meta)
 
 
 def write_nifti(vol: Volume, path: str | Path, *, dtype: Any | None = None) -> Path:
@@ -102,7 +104,6 @@ class NiftiSlabs(RawSlabs):
     def __init__(self, path: str | Path) -> None:
         import gzip
         import shutil
-        import tempfile
         import zlib
 
         import nibabel as nib
@@ -122,21 +123,14 @@ class NiftiSlabs(RawSlabs):
         slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
         self.scale = None if (slope == 1.0 and inter == 0.0) else (slope, inter)
         self.affine = np.asarray(img.affine, dtype=np.float64)
-        self.meta: dict[str, Any] = {
-            "source": str(self.path),
-            "format": "nifti",
-            "ndim_on_disk": 3,
-            "sform_code": int(hdr["sform_code"]),
-            "qform_code": int(hdr["qform_code"]),
-        }
+        self.meta = _meta(self.path, hdr, 3)
         offset = int(img.dataobj.offset)  # the header field may read 0 ("default") for single files
         if str(self.path).lower().endswith(".gz"):
-            fd, name = tempfile.mkstemp(prefix="medseg-", suffix=".raw")
-            self._tmp = Path(name)
+            self._tmp = temp_raw_file("nifti")
             try:
-                with gzip.open(self.path, "rb") as src, open(fd, "wb") as dst:
+                with gzip.open(self.path, "rb") as src, open(self._tmp, "wb") as dst:
                     src.seek(offset)
-                    shutil.copyfileobj(src, dst, 64 * 2**20)
+                    shutil.copyfileobj(src, dst, CHUNK_BYTES)
             except (OSError, EOFError, zlib.error) as exc:
                 self.close()
                 if isinstance(exc, OSError) and not isinstance(exc, gzip.BadGzipFile):

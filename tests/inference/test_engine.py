@@ -456,13 +456,13 @@ def test_peak_rss_is_this_process_not_its_parent():
     import subprocess
     import sys
 
-    from medseg.inference.engine import peak_rss_bytes
+    from medseg.inference.process import peak_rss_bytes
 
     before = peak_rss_bytes()
     big = np.ones(2**27)  # 1 GiB, touched
     assert peak_rss_bytes() >= before + 0.9 * big.nbytes or before >= big.nbytes
     del big
-    code = "from medseg.inference.engine import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from medseg.inference.process import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     )
@@ -477,7 +477,7 @@ def test_memory_kept_by_the_tuned_allocator_still_counts_as_available():
 
     code = (
         "import numpy as np\n"
-        "from medseg.inference.engine import available_memory, tune_allocator\n"
+        "from medseg.inference.process import available_memory, tune_allocator\n"
         "assert tune_allocator()\n"
         "x = np.ones(2**26); x[:] = 2; keep = np.ones(16); del x\n"  # 512 MiB freed below a live block
         "total = available_memory()\n"
