@@ -37,5 +37,9 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def names_in_order(self) -> list[str]:
+        """Registered names, in registration order."""
+        return list(self._items)
+
     def __contains__(self, name: object) -> bool:
         return name in self._items

@@ -306,31 +306,15 @@ def describe_medseg_run(res: Result, run_dir: Path, wall0: float) -> None:
 
 def load_medseg_model(run_dir: Path, which: str, device: torch.device) -> tuple[Any, Any, Any, str]:
     """Model (eval mode), plan and config of a run; ``which`` is ``best`` or ``last``."""
-    from medseg.config import ModelConfig, load_config
-    from medseg.data.plan import Plan
-    from medseg.models.unet import create_model
-    from medseg.training.checkpoint import load_checkpoint
+    from medseg.config import load_config
+    from medseg.runtime.bundle import load_bundle
 
-    ckdir = run_dir / "checkpoints"
-    path = ckdir / f"{which}.pt"
-    if not path.exists():
-        path = ckdir / "last.pt"
-    ck = load_checkpoint(path, map_location=device)
-    plan = Plan.load(run_dir / "plan.json")
-    model = create_model(
-        ModelConfig.model_validate(ck["model_config"]),
-        spatial_dims=plan.spatial_dims,
-        in_channels=plan.in_channels,
-        out_channels=plan.out_channels,
-        patch_size=plan.patch_size,
-        spacing_mm=plan.target_spacing_mm,
-    ).to(device)
-    model.load_state_dict(ck["model"])
-    model.eval()
+    bundle = load_bundle(run_dir, device=str(device), checkpoint=which)
     cfg = load_config(run_dir / "config.yaml", resolve_paths=False)
-    val = ck.get("best_metric", float("nan"))
-    desc = f"{path.name} from epoch {ck['epoch']} (validation mean Dice {val:.3f})"
-    return model, plan, cfg, desc
+    val = bundle.meta.get("val_mean_dice")
+    val = float("nan") if val is None else float(val)
+    desc = f"{bundle.checkpoint} from epoch {bundle.meta.get('epoch')} (validation mean Dice {val:.3f})"
+    return bundle.model, bundle.plan, cfg, desc
 
 
 @torch.no_grad()

@@ -116,7 +116,7 @@ WARM_IMPORTS = (
     "medseg.inference.engine",
     "medseg.models.unet",
     "medseg.training.loop",
-    "medseg.training.checkpoint",
+    "medseg.runtime.checkpoint",
     "medseg.data.preprocess",
     "medseg.data.geometry",
     "medseg.io",
@@ -299,8 +299,8 @@ def _medseg_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _read_and_preprocess(args: argparse.Namespace, meter: ForwardMeter, st: Stages) -> tuple[Any, ...]:
     from medseg.data.preprocess import preprocess_volume
-    from medseg.inference.predict import load_bundle
     from medseg.io import load_volume
+    from medseg.runtime.bundle import load_bundle
 
     bundle = load_bundle(args.model, device="cpu")
     _check_plan(bundle.plan)
@@ -652,8 +652,8 @@ def report(
     machine: str,
     command: str,
 ) -> tuple[str, dict[str, Any]]:
-    from medseg.inference.predict import load_bundle
     from medseg.io import load_volume
+    from medseg.runtime.bundle import load_bundle
 
     bundle = load_bundle(model, device="cpu")
     plan = bundle.plan

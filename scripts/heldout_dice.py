@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from medseg.config import load_config
     from medseg.data.datasets import load_case, load_dataset
-    from medseg.inference.predict import load_bundle, predict_volume
+    from medseg.inference.predict import predict_volume
     from medseg.metrics.overlap import count_overlaps, count_overlaps_masks, dice
+    from medseg.runtime.bundle import load_bundle
 
     overrides = [f"data.root={args.data}"] if args.data else []
     cfg = load_config(args.model / "config.yaml", overrides)

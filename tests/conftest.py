@@ -42,3 +42,24 @@ def real_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"MEDSEG_TEST_DATA={root} is not a folder")
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# shared factories (tests/factories.py; `pythonpath = ["tests"]` makes them importable everywhere)
+
+
+@pytest.fixture(scope="session")
+def plan_factory():
+    """``plan_factory(**changes)`` -> a :class:`~medseg.data.plan.Plan` (see ``factories.build_plan``)."""
+    from factories import build_plan
+
+    return build_plan
+
+
+@pytest.fixture(scope="session")
+def save_run():
+    """``save_run(folder, plan, channels=(4, 8, 16), seed=0, *, name, config)`` -> a run directory with
+    random weights (see ``factories.write_run``)."""
+    from factories import write_run
+
+    return write_run

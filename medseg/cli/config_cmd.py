@@ -63,7 +63,8 @@ def run_show(args: argparse.Namespace) -> int:
 def _memory_report(cfg: Any, in_channels: int) -> dict[str, Any]:
     """Training-step memory estimates on a CUDA GPU and on the CPU, as text lines and numbers."""
     from medseg.errors import ConfigError
-    from medseg.training.memory import GB, TrainingMemory
+    from medseg.training.memory import TrainingMemory
+    from medseg.units import GB
 
     if in_channels < 1:
         raise ConfigError(f"--in-channels must be >= 1, got {in_channels}")

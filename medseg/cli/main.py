@@ -28,13 +28,23 @@ Common tasks:
   medseg predict --model RUN --input SCAN --output DIR   label maps on each scan's own grid
   medseg evaluate --pred DIR --ref DIR --output DIR      Dice, volumes (mL), HD95/NSD per structure
   medseg report --image SCAN --mask LABELS --output DIR  organ volumes, overlays (HTML, PDF)
+  medseg convert-run RUN                       update a run written by an older medseg
 
 Run `medseg COMMAND --help` for the options of each command.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from medseg.cli import config_cmd, data_cmd, evaluate_cmd, info_cmd, predict_cmd, report_cmd, train_cmd
+    from medseg.cli import (
+        config_cmd,
+        convert_cmd,
+        data_cmd,
+        evaluate_cmd,
+        info_cmd,
+        predict_cmd,
+        report_cmd,
+        train_cmd,
+    )
 
     parser = argparse.ArgumentParser(
         prog="medseg", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -52,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict_cmd.register(sub)
     evaluate_cmd.register(sub)
     report_cmd.register(sub)
+    convert_cmd.register(sub)
     return parser
 
 

@@ -242,8 +242,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _engine_defaults(run_dir: Path) -> Any:
     """The run config's inference settings (checked here so a bad --model fails before any work)."""
-    from medseg.inference.predict import run_settings
+    from medseg.inference.engine import EngineOptions
+    from medseg.runtime.bundle import run_settings
 
     if not (run_dir / "plan.json").is_file():
         raise MedsegError(f"--model {run_dir}: not a medseg run directory (no plan.json)")
-    return run_settings(run_dir, warn=False)[1]  # load_bundle warns about a missing config
+    return EngineOptions.from_config(run_settings(run_dir, warn=False)[1])  # load_bundle warns if missing

@@ -7,12 +7,16 @@ the 10th percentile), CT intensities clipped to the 0.5-99.5 percentiles of the 
 z-scored with the foreground mean/std, MR and X-ray z-scored per image.
 
 The patch size is planned against a memory budget (``train.memory_gb``) as nnU-Net plans against a
-VRAM target, but with an estimate measured on the configured network
-(:mod:`medseg.training.memory`) instead of a static heuristic: start from the median image shape in
-the target spacing, and while one training step would not fit, shrink by one divisor step the axis
-whose patch is largest relative to the median shape. The estimate and the budget are recorded in
-``plan.json`` (``memory_estimate_bytes``, ``memory_budget_bytes``); they are not part of the
-preprocessing cache key.
+VRAM target, but with an estimate measured on the configured network (the caller passes the
+estimator: training's measures the real network's saved tensors) instead of a static heuristic: start
+from the median image shape in the target spacing, and while one training step would not fit, shrink
+by one divisor step the axis whose patch is largest relative to the median shape. The estimate and
+the budget are recorded in ``plan.json`` (``memory_estimate_bytes``, ``memory_budget_bytes``); they
+are not part of the preprocessing cache key.
+
+The plan is also the network's record: ``network`` (a :class:`~medseg.models.spec.NetworkSpec`)
+holds the model name, widths and the strides chosen for the planned patch, so prediction and every
+script rebuild exactly the trained network instead of choosing its strides again.
 """
 
 from __future__ import annotations
@@ -24,19 +28,21 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from medseg.config import Config
 from medseg.errors import ConfigError, DataError
+from medseg.io._atomic import atomic_write
+from medseg.models.spec import NetworkSpec
+from medseg.units import GB, format_bytes
 
 logger = logging.getLogger(__name__)
 
 PREPROCESS_VERSION = 1
 ANISOTROPY_RATIO = 3.0
 SAMPLES_PER_CASE = 10_000
-GB = 1 << 30  # train.memory_gb is in GiB, as `medseg predict --max-memory`
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class Plan:
     median_shape: tuple[int, ...] = ()
     memory_estimate_bytes: int | None = None  # one training step at patch_size (None: older plans)
     memory_budget_bytes: int | None = None  # train.memory_gb when planned
+    network: NetworkSpec | None = None  # None: a plan written before networks were recorded
     version: int = PREPROCESS_VERSION
 
     @property
@@ -89,11 +96,14 @@ class Plan:
         return len(self.structure_names) + (1 if self.mode == "softmax" else 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
+        d = asdict(self)
+        d["network"] = self.network.to_dict() if self.network is not None else None
+        return json.loads(json.dumps(d))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         d = dict(d)
+        d["network"] = NetworkSpec.from_dict(d["network"]) if d.get("network") else None
         d["normalization"] = tuple(ChannelNorm(**n) for n in d["normalization"])
         for key in ("structure_names", "label_values", "target_spacing_mm", "patch_size", "median_shape"):
             d[key] = tuple(d.get(key, ()))
@@ -101,8 +111,6 @@ class Plan:
         return cls(**d)
 
     def save(self, path: str | Path) -> Path:
-        from medseg.io._atomic import atomic_write
-
         with atomic_write(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2))
         return Path(path)
@@ -112,7 +120,7 @@ class Plan:
         path = Path(path)
         try:
             return cls.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+        except (OSError, ValueError, TypeError, KeyError) as exc:  # ConfigError is a ValueError
             raise DataError(f"{path}: not a valid medseg plan.json ({exc})") from exc
 
     def preprocess_key(self) -> str:
@@ -123,7 +131,7 @@ class Plan:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_NOT_PREPROCESSING = ("patch_size", "median_shape", "memory_estimate_bytes", "memory_budget_bytes")
+_NOT_PREPROCESSING = ("patch_size", "median_shape", "memory_estimate_bytes", "memory_budget_bytes", "network")
 """Plan fields that do not change the preprocessed arrays (left out of :meth:`Plan.preprocess_key`)."""
 
 
@@ -247,7 +255,7 @@ def plan_patch_size(
         if not axes:
             raise ConfigError(
                 f"train.memory_gb = {budget_bytes / GB:.3g} GB is too small: the smallest patch this network "
-                f"takes, {shape}, needs about {_size(est)} for one training step. Raise "
+                f"takes, {shape}, needs about {format_bytes(est)} for one training step. Raise "
                 "train.memory_gb, lower train.batch_size, use fewer or narrower model.channels, or set "
                 "train.patch_size explicitly (it is then used as given, with a warning)."
             )
@@ -263,10 +271,6 @@ def plan_patch_size(
     return tuple(int(s) for s in shape), int(est)
 
 
-def _size(n: int) -> str:
-    return f"{n / GB:.2f} GB" if n >= GB // 10 else f"{n / 2**20:.1f} MB"
-
-
 def _patch_divisor(cfg: Config, divisor: int | None) -> tuple[int, ...]:
     """Multiple each planned patch side must be: the model's fixed strides, or ``2**(levels - 1)``
     (planned strides downsample an axis by at most 2 per level); combined with ``divisor``."""
@@ -280,31 +284,50 @@ def _patch_divisor(cfg: Config, divisor: int | None) -> tuple[int, ...]:
     return (req,) * dims
 
 
+class MemoryEstimate(Protocol):
+    """What :func:`make_plan` reads of a training-memory estimate."""
+
+    @property
+    def total_bytes(self) -> int: ...
+
+    @property
+    def total_gb(self) -> float: ...
+
+    def describe(self) -> str: ...
+
+
+class MemoryEstimator(Protocol):
+    """Estimates the memory of one training step at a patch size (e.g. ``TrainingMemory``)."""
+
+    def estimate(self, patch_size: Sequence[int]) -> MemoryEstimate: ...
+
+
 def make_plan(
     cfg: Config,
     fp: Fingerprint,
     *,
+    memory: MemoryEstimator | Callable[[tuple[float, ...], int], MemoryEstimator],
     divisor: int | None = None,
-    memory: Any = None,
 ) -> Plan:
     """Turn the config and the dataset fingerprint into a :class:`Plan`.
 
     Without ``train.patch_size`` the patch is the largest that fits ``train.memory_gb``
     (:func:`plan_patch_size`); with it, that patch is used as given, and a warning is logged when its
-    estimate exceeds the budget. Either way the estimate is logged and recorded in the plan.
+    estimate exceeds the budget. Either way the estimate is logged and recorded in the plan, and so is
+    the network (:class:`~medseg.models.spec.NetworkSpec` with the strides for the patch).
 
     Args:
         cfg: The validated config.
         fp: The training cases' fingerprint.
+        memory: The training-memory estimator, or a factory ``(target spacing, in_channels) ->
+            estimator`` (training passes its estimator of the configured network).
         divisor: Extra multiple for planned patch sides (combined with the model's own requirement).
-        memory: A :class:`medseg.training.memory.TrainingMemory` to use instead of one built from
-            ``cfg`` (tests; a different device or precision).
 
     Raises:
-        ConfigError: If no legal patch fits ``train.memory_gb``.
+        ConfigError: If no legal patch fits ``train.memory_gb``, or a configured patch does not fit
+            the network's strides.
     """
     from medseg.data.geometry import resampled_shape
-    from medseg.training.memory import TrainingMemory
 
     data = cfg.data
     dims = data.spatial_dims
@@ -315,8 +338,8 @@ def make_plan(
     new_shapes = [resampled_shape(s, sp, spacing) for s, sp in zip(fp.shapes, fp.spacings, strict=True)]
     median_shape = tuple(int(v) for v in np.median(np.asarray(new_shapes), axis=0))
     budget = round(cfg.train.memory_gb * GB)
-    if memory is None:
-        memory = TrainingMemory(cfg, in_channels=fp.in_channels, spacing_mm=spacing)
+    if not hasattr(memory, "estimate"):
+        memory = memory(spacing, fp.in_channels)
     if cfg.train.patch_size is not None:
         patch = tuple(int(p) for p in cfg.train.patch_size)
     else:
@@ -327,6 +350,8 @@ def make_plan(
             budget,
             spacing=spacing,
         )
+    network = NetworkSpec.from_config(cfg.model, spatial_dims=dims, patch_size=patch, spacing_mm=spacing)
+    network.check_patch_size(patch)
     est = memory.estimate(patch)
     est_bytes = est.total_bytes
     if est_bytes > budget:  # only a patch given in the config can exceed the budget
@@ -374,4 +399,5 @@ def make_plan(
         median_shape=median_shape,
         memory_estimate_bytes=int(est_bytes),
         memory_budget_bytes=budget,
+        network=network,
     )

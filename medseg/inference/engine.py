@@ -38,9 +38,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from medseg.config import PredictConfig
 from medseg.data.plan import ChannelNorm, Plan
 from medseg.data.preprocess import BODY_MARGIN_VOXELS
 from medseg.errors import ConfigError, DataError
+from medseg.runtime.device import amp_dtype
 from medseg.types import Volume
 
 logger = logging.getLogger(__name__)
@@ -91,6 +93,18 @@ class EngineOptions:
     accumulator_dtype: Literal["float32", "float16"] = "float32"
     threshold: float = 0.5
     progress: bool = False
+
+    @classmethod
+    def from_config(cls, predict: PredictConfig, **changes: Any) -> EngineOptions:
+        """Options from a config's ``predict`` section (a model's defaults), with ``changes`` applied."""
+        base = {
+            "overlap": predict.overlap,
+            "batch_size": predict.batch_size,
+            "tta": predict.tta,
+            "threshold": predict.threshold,
+            "resample": predict.resample,
+        }
+        return cls(**{**base, **changes})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:
@@ -601,9 +615,7 @@ class _Runner:
         self.cuda = self.device.type == "cuda"
         self.flips = mirror_axes(plan.spatial_dims) if tta else [()]
         self.perm = lr_channel_permutation(plan)
-        self.amp_dtype = None
-        if self.cuda:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = amp_dtype(self.device)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """``(B, C, *patch)`` float32 -> ``(B, K, *patch)`` float32 logits (on the CPU)."""

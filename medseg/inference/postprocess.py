@@ -14,23 +14,13 @@ object.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
+from medseg.runtime.bundle import PostProcessing
 
-@dataclass(frozen=True)
-class PostProcessing:
-    """What to do; ``single`` holds structure names."""
-
-    single: frozenset[str] = frozenset()
-    min_component_mm3: float = 0.0
-    fill_holes: bool = False
-
-    @property
-    def active(self) -> bool:
-        return bool(self.single) or self.min_component_mm3 > 0 or self.fill_holes
+__all__ = ["PostProcessing", "postprocess_label_map", "postprocess_masks"]
 
 
 def _clean(mask: np.ndarray, *, largest: bool, min_voxels: float, fill: bool) -> np.ndarray:

@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,9 +26,10 @@ import numpy as np
 from medseg.data.plan import Plan
 from medseg.errors import DataError
 from medseg.inference.engine import EngineOptions, EngineStats, ProbabilitySink, check_input
-from medseg.inference.postprocess import PostProcessing, postprocess_label_map, postprocess_masks
+from medseg.inference.postprocess import postprocess_label_map, postprocess_masks
 from medseg.inference.process import peak_rss_bytes
 from medseg.io._atomic import atomic_write
+from medseg.runtime.bundle import Bundle, load_bundle
 from medseg.types import Volume
 
 logger = logging.getLogger(__name__)
@@ -36,102 +37,8 @@ logger = logging.getLogger(__name__)
 OutputFormat = Literal["nifti", "dicom-seg", "both"]
 
 
-@dataclass
-class ModelBundle:
-    """A loaded run directory: plan, network (eval mode), default inference options, provenance."""
-
-    run_dir: Path
-    plan: Plan
-    model: Any
-    device: Any
-    checkpoint: str
-    meta: dict[str, Any] = field(default_factory=dict)
-    postprocessing: PostProcessing = field(default_factory=PostProcessing)
-    defaults: EngineOptions = field(default_factory=EngineOptions)
-
-    @property
-    def n_params(self) -> int:
-        return int(sum(p.numel() for p in self.model.parameters()))
-
-
-def load_bundle(run_dir: str | Path, *, device: str = "auto", checkpoint: str = "best") -> ModelBundle:
-    """Load ``plan.json``, ``checkpoints/<checkpoint>.pt`` and the ``predict`` and post-processing
-    settings of ``config.yaml`` from a run directory."""
-    from medseg.config import ModelConfig
-    from medseg.models.unet import create_model
-    from medseg.training.checkpoint import load_checkpoint
-    from medseg.training.loop import resolve_device
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "plan.json").is_file():
-        raise DataError(
-            f"{run_dir}: not a medseg run directory (no plan.json); pass the folder `medseg train` made"
-        )
-    plan = Plan.load(run_dir / "plan.json")
-    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
-    if not path.is_file() and checkpoint == "best":
-        last = run_dir / "checkpoints" / "last.pt"
-        if not last.is_file():
-            raise DataError(
-                f"{run_dir}: no checkpoint (looked for checkpoints/best.pt, then checkpoints/last.pt); "
-                "train the run first (`medseg train`), or pass the run directory that has them"
-            )
-        logger.warning("%s: no checkpoints/best.pt (no validation yet?); using checkpoints/last.pt", run_dir)
-        path = last
-    dev = resolve_device(device, what="--device")
-    ck = load_checkpoint(path, map_location="cpu")
-    model = create_model(
-        ModelConfig(**ck["model_config"]),
-        spatial_dims=plan.spatial_dims,
-        in_channels=plan.in_channels,
-        out_channels=plan.out_channels,
-        patch_size=plan.patch_size,
-        spacing_mm=plan.target_spacing_mm,
-    )
-    model.load_state_dict(ck["model"])
-    model.to(dev).eval()
-    post, defaults = run_settings(run_dir)
-    return ModelBundle(
-        run_dir,
-        plan,
-        model,
-        dev,
-        path.name,
-        {"epoch": ck.get("epoch"), "config_hash": ck.get("config_hash")},
-        post,
-        defaults,
-    )
-
-
-def run_settings(run_dir: Path, *, warn: bool = True) -> tuple[PostProcessing, EngineOptions]:
-    """Post-processing and inference defaults from the run's ``config.yaml`` (built-ins, and a
-    warning unless ``warn`` is false, if it is missing)."""
-    from medseg.config import load_config
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        if warn:
-            logger.warning(
-                "%s: no config.yaml; predicting with built-in defaults and no post-processing (the run's "
-                "predict settings, single-component structures and blob removal live there)",
-                run_dir,
-            )
-        return PostProcessing(), EngineOptions()
-    cfg = load_config(path, resolve_paths=False)
-    p = cfg.predict
-    post = PostProcessing(
-        single=frozenset(cfg.data.single_component),
-        min_component_mm3=p.min_component_mm3,
-        fill_holes=p.fill_holes,
-    )
-    opts = EngineOptions(
-        overlap=p.overlap, batch_size=p.batch_size, tta=p.tta, threshold=p.threshold, resample=p.resample
-    )
-    return post, opts
-
-
 def predict_volume(
-    bundle: ModelBundle,
+    bundle: Bundle,
     image: Volume,
     opts: EngineOptions | None = None,
     *,
@@ -149,7 +56,7 @@ def predict_volume(
     from medseg.data.datasets import squeeze_2d
     from medseg.inference.engine import segment
 
-    opts = opts or bundle.defaults
+    opts = opts or EngineOptions.from_config(bundle.predict)
     if threshold is not None:
         opts = replace(opts, threshold=threshold)
     source = image
@@ -386,7 +293,7 @@ def _versions() -> dict[str, str]:
     }
 
 
-def check_memory(vol: Volume, bundle: ModelBundle, opts: EngineOptions, limit: int | None) -> dict[str, int]:
+def check_memory(vol: Volume, bundle: Bundle, opts: EngineOptions, limit: int | None) -> dict[str, int]:
     """Estimate what predicting ``vol`` needs, log it, and refuse (:class:`DataError`) if it won't fit."""
     from medseg.inference.engine import estimate_memory
     from medseg.inference.process import available_memory
@@ -442,7 +349,7 @@ def _expected_outputs(out_dir: Path, case: str, path: Path, plan: Plan, batch: B
 
 
 def predict_case(
-    bundle: ModelBundle,
+    bundle: Bundle,
     paths: list[Path],
     out_dir: Path,
     case: str,
@@ -487,7 +394,7 @@ def _open_streaming(paths: list[Path], plan: Plan, batch: BatchOptions) -> Any:
 
 
 def _predict_loaded(
-    bundle: ModelBundle,
+    bundle: Bundle,
     vol: Any,
     paths: list[Path],
     out_dir: Path,
@@ -543,7 +450,7 @@ def _predict_loaded(
     }
 
 
-def _write_seg(pred: Volume, bundle: ModelBundle, series_dir: Path, path: Path) -> Path:
+def _write_seg(pred: Volume, bundle: Bundle, series_dir: Path, path: Path) -> Path:
     from medseg.io.dicom_seg import write_dicom_seg
 
     plan = bundle.plan
@@ -551,19 +458,15 @@ def _write_seg(pred: Volume, bundle: ModelBundle, series_dir: Path, path: Path) 
     return write_dicom_seg(pred, series_dir, path, names=plan.structure_names, values=values)
 
 
-def _write_report(image: Volume, pred: Volume, bundle: ModelBundle, out: Path) -> list[Path]:
+def _write_report(image: Volume, pred: Volume, bundle: Bundle, out: Path) -> list[Path]:
     from medseg.labels import LabelSpec
     from medseg.report import write_report
 
     plan = bundle.plan
     values = plan.label_values if plan.mode == "softmax" else tuple(range(1, len(plan.structure_names) + 1))
-    spec = LabelSpec(plan.mode, tuple(plan.structure_names), tuple(values), str(bundle.run_dir / "plan.json"))
-    provenance = {
-        "run_dir": str(bundle.run_dir),
-        "checkpoint": bundle.checkpoint,
-        "config_hash": bundle.meta.get("config_hash"),
-        "epoch": bundle.meta.get("epoch"),
-    }
+    spec = LabelSpec(plan.mode, tuple(plan.structure_names), tuple(values), str(bundle.path / "plan.json"))
+    prov = bundle.provenance()
+    provenance = {"run_dir": prov.pop("model"), **prov}
     return list(write_report(image, pred, out, spec=spec, provenance=provenance).values())
 
 
@@ -625,7 +528,7 @@ def predict_files(
     from tqdm.auto import tqdm
 
     bundle = load_bundle(run_dir, device=device)
-    opts = engine or bundle.defaults
+    opts = engine or EngineOptions.from_config(bundle.predict)
     batch = batch or BatchOptions()
     out_dir = Path(out_dir)
     check_output_folder(out_dir, inputs, input_folders)
@@ -661,7 +564,7 @@ def predict_files(
             failures.append({"input": str(paths[0]), "error": msg})
     pp = bundle.postprocessing
     manifest = {
-        "model": str(bundle.run_dir),
+        "model": str(bundle.path),
         "checkpoint": bundle.checkpoint,
         "config_hash": bundle.meta.get("config_hash"),
         "device": str(bundle.device),

@@ -1,7 +1,10 @@
-"""U-Net family for 2D and 3D segmentation, the ``MODELS`` registry and :func:`create_model`.
+"""U-Net family for 2D and 3D segmentation, the ``MODELS`` registry, :func:`create_network` and
+:func:`create_model`.
 
-One code path serves ``spatial_dims`` 2 and 3; :func:`create_model` is the only way from a
-:class:`~medseg.config.ModelConfig` to a network. Registered models:
+One code path serves ``spatial_dims`` 2 and 3. A network is built from its record, a
+:class:`~medseg.models.spec.NetworkSpec` (:func:`create_network`: what a plan stores, strides
+included); :func:`create_model` resolves a :class:`~medseg.config.ModelConfig` for a patch into
+that record first. Registered models:
 
 ``unet`` (:class:`UNet`, the default)
     MONAI's :class:`~monai.networks.nets.DynUNet` (nnU-Net's architecture) with three changes, all
@@ -16,14 +19,9 @@ One code path serves ``spatial_dims`` 2 and 3; :func:`create_model` is the only 
     deep supervision: ``upsample: resize`` or ``deep_supervision: true`` raise :class:`ConfigError`.
     Its state-dict keys are MONAI's recursive ``model.1.submodule.1...`` names.
 
-Strides:
-    ``model.strides`` has one entry per level (``len(channels)``); the first is the stride of the
-    input block and must be 1, the others downsample, e.g. ``[1, 2, 2, 2]``. When it is omitted and
-    ``patch_size`` is given, :func:`plan_strides` chooses per-axis strides nnU-Net style (an axis is not
-    downsampled while its spacing is 2x coarser than the finest axis, nor when its size would fall
-    below 4). Otherwise every level after the first downsamples every axis by 2. The input's spatial
-    size must be divisible, per axis, by the product of the strides (:func:`required_divisor`);
-    otherwise the forward pass raises :class:`~medseg.errors.ShapeError` naming the padded size.
+Strides: see :mod:`medseg.models.spec`. The input's spatial size must be divisible, per axis, by the
+product of the strides (:func:`required_divisor`); otherwise the forward pass raises
+:class:`~medseg.errors.ShapeError` naming the padded size.
 
 Output convention (all models return logits, never probabilities):
     * ``model.eval()``, or any model built with ``deep_supervision: false``: one tensor of shape
@@ -41,7 +39,6 @@ Output convention (all models return logits, never probabilities):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -53,6 +50,15 @@ from torch import nn
 from medseg.config import ModelConfig
 from medseg.errors import ConfigError, ShapeError
 from medseg.models._blocks import NORM_LAYERS, ResizeUpBlock
+from medseg.models.spec import (
+    AxisStrides,
+    NetworkSpec,
+    _padded,
+    default_strides,
+    plan_strides,
+    required_divisor,
+    resolve_strides,
+)
 from medseg.registry import Registry
 
 __all__ = [
@@ -61,155 +67,22 @@ __all__ = [
     "UNet",
     "check_input_shape",
     "create_model",
+    "create_network",
     "default_strides",
     "plan_strides",
     "required_divisor",
     "resolve_strides",
 ]
 
-AxisStrides = tuple[int, ...]
-"""Stride of one level, one integer per spatial axis."""
-
 
 class ModelBuilder(Protocol):
-    """Signature of the functions registered in :data:`MODELS`."""
+    """Signature of the functions registered in :data:`MODELS`: a network from its resolved record."""
 
-    def __call__(
-        self,
-        cfg: ModelConfig,
-        *,
-        spatial_dims: int,
-        in_channels: int,
-        out_channels: int,
-        strides: Sequence[AxisStrides],
-    ) -> nn.Module: ...
+    def __call__(self, spec: NetworkSpec, *, in_channels: int, out_channels: int) -> nn.Module: ...
 
 
 MODELS: Registry[ModelBuilder] = Registry("model")
-"""Model name (``model.name`` in the config) -> builder; use :func:`create_model`, not the builders."""
-
-
-# --------------------------------------------------------------------------------------------
-# strides and input sizes
-
-
-def default_strides(depth: int, spatial_dims: int) -> list[AxisStrides]:
-    """Stride 1 for the input block, then 2 on every axis for each further level.
-
-    >>> default_strides(3, 2)
-    [(1, 1), (2, 2), (2, 2)]
-    """
-    return [(1,) * spatial_dims] + [(2,) * spatial_dims] * (depth - 1)
-
-
-def plan_strides(
-    patch_size: Sequence[int],
-    spacing_mm: Sequence[float] | None = None,
-    *,
-    depth: int,
-    min_size: int = 4,
-    max_spacing_ratio: float = 2.0,
-) -> list[AxisStrides]:
-    """Per-axis strides for a U-Net of ``depth`` levels, chosen as nnU-Net does.
-
-    At each level after the first, an axis is downsampled by 2 when its current feature-map size is at
-    least ``2 * min_size`` and its current spacing is less than ``max_spacing_ratio`` times the finest
-    current spacing (so a 5 mm axis of a 0.8 x 0.8 x 5 mm CT is kept until the in-plane axes have
-    been pooled to a comparable spacing). Isensee et al., nnU-Net, Nature Methods 2021.
-
-    Args:
-        patch_size: Training patch size, one value per spatial axis.
-        spacing_mm: Voxel size per axis; ``None`` treats the axes as isotropic.
-        depth: Number of levels (``len(model.channels)``).
-        min_size: Smallest feature-map size an axis may be pooled down to.
-        max_spacing_ratio: Axes this many times coarser than the finest one are not pooled.
-
-    Returns:
-        ``depth`` tuples of per-axis strides; the first is all ones (the input block).
-
-    Raises:
-        ConfigError: If the arguments are inconsistent, or some level could not downsample any axis
-            (the patch is too small for ``depth`` levels).
-
-    Example:
-        >>> plan_strides((128, 128, 16), (0.8, 0.8, 5.0), depth=4)
-        [(1, 1, 1), (2, 2, 1), (2, 2, 1), (2, 2, 2)]
-    """
-    nd = len(patch_size)
-    if nd not in (2, 3) or any(int(s) < 1 for s in patch_size):
-        raise ConfigError(f"patch_size must be 2 or 3 positive integers, got {list(patch_size)}")
-    if spacing_mm is not None and (len(spacing_mm) != nd or any(s <= 0 for s in spacing_mm)):
-        raise ConfigError(f"spacing_mm must be {nd} positive numbers (one per axis), got {list(spacing_mm)}")
-    if depth < 2:
-        raise ConfigError(f"a U-Net needs at least 2 levels, got depth={depth}")
-    size = [int(s) for s in patch_size]
-    spacing = [float(s) for s in spacing_mm] if spacing_mm is not None else [1.0] * nd
-    strides: list[AxisStrides] = [(1,) * nd]
-    for level in range(1, depth):
-        finest = min(spacing)
-        stride = tuple(
-            2 if size[d] >= 2 * min_size and spacing[d] < max_spacing_ratio * finest else 1 for d in range(nd)
-        )
-        if stride == (1,) * nd:
-            raise ConfigError(
-                f"patch_size {list(patch_size)} is too small for {depth} levels: after {level - 1} "
-                f"downsamplings the feature map is {size}, and no axis can be halved without falling below "
-                f"{min_size} voxels. Use a larger patch, or at most {level} entries in model.channels."
-            )
-        strides.append(stride)
-        size = [s // f for s, f in zip(size, stride, strict=True)]
-        spacing = [s * f for s, f in zip(spacing, stride, strict=True)]
-    return strides
-
-
-def resolve_strides(
-    cfg: ModelConfig,
-    *,
-    spatial_dims: int,
-    patch_size: Sequence[int] | None = None,
-    spacing_mm: Sequence[float] | None = None,
-) -> list[AxisStrides]:
-    """The per-level, per-axis strides :func:`create_model` uses for ``cfg``.
-
-    ``cfg.strides`` wins when given (the same stride on every axis of a level); otherwise
-    :func:`plan_strides` on ``patch_size``/``spacing_mm`` when a patch size is given; otherwise
-    :func:`default_strides`.
-
-    Raises:
-        ConfigError: If ``cfg.strides`` does not have one entry per level or its first entry is not 1.
-    """
-    depth = len(cfg.channels)
-    if cfg.strides is not None:
-        if len(cfg.strides) != depth:
-            raise ConfigError(
-                f"model.strides has {len(cfg.strides)} values but model.channels has {depth} levels; give "
-                f"one stride per level, the first being the input block's (1), e.g. {[1] + [2] * (depth - 1)}"
-            )
-        if cfg.strides[0] != 1:
-            raise ConfigError(
-                f"model.strides[0] is the input block's stride and must be 1 (the output must have the "
-                f"input's size), got {cfg.strides[0]}; e.g. {[1] + [2] * (depth - 1)}"
-            )
-        return [(int(s),) * spatial_dims for s in cfg.strides]
-    if patch_size is not None:
-        return plan_strides(patch_size, spacing_mm, depth=depth)
-    return default_strides(depth, spatial_dims)
-
-
-def required_divisor(strides: Sequence[AxisStrides | int]) -> tuple[int, ...]:
-    """Product of the strides per axis: the input size must be a multiple of it on each axis.
-
-    >>> required_divisor([(1, 1, 1), (2, 2, 1), (2, 2, 2)])
-    (4, 4, 2)
-    """
-    per_level = [s if isinstance(s, Sequence) else (s,) for s in strides]
-    nd = max(len(s) for s in per_level)
-    per_level = [tuple(s) * nd if len(s) == 1 else tuple(s) for s in per_level]
-    return tuple(math.prod(s[d] for s in per_level) for d in range(nd))
-
-
-def _padded(shape: Sequence[int], divisor: Sequence[int]) -> tuple[int, ...]:
-    return tuple(-(-int(s) // k) * k for s, k in zip(shape, divisor, strict=True))
+"""Model name (``model.name``) -> builder; use :func:`create_network` / :func:`create_model`."""
 
 
 def check_input_shape(spatial_shape: Sequence[int], divisor: Sequence[int] | nn.Module) -> None:
@@ -489,57 +362,64 @@ class MonaiUNet(_MonaiUNetBase):
 
 
 @MODELS.register("unet")
-def _build_unet(
-    cfg: ModelConfig,
-    *,
-    spatial_dims: int,
-    in_channels: int,
-    out_channels: int,
-    strides: Sequence[AxisStrides],
-) -> nn.Module:
+def _build_unet(spec: NetworkSpec, *, in_channels: int, out_channels: int) -> nn.Module:
     return UNet(
-        spatial_dims,
+        spec.spatial_dims,
         in_channels,
         out_channels,
-        channels=cfg.channels,
-        strides=strides,
-        residual=cfg.residual,
-        norm=cfg.norm,
-        upsample=cfg.upsample,
-        deep_supervision=cfg.deep_supervision,
+        channels=spec.channels,
+        strides=spec.strides,
+        kernel_size=spec.kernel_size,
+        residual=spec.residual,
+        norm=spec.norm,
+        upsample=spec.upsample,
+        deep_supervision=spec.deep_supervision,
     )
 
 
 @MODELS.register("monai_unet")
-def _build_monai_unet(
-    cfg: ModelConfig,
-    *,
-    spatial_dims: int,
-    in_channels: int,
-    out_channels: int,
-    strides: Sequence[AxisStrides],
-) -> nn.Module:
+def _build_monai_unet(spec: NetworkSpec, *, in_channels: int, out_channels: int) -> nn.Module:
     unsupported = []
-    if cfg.upsample != "deconv":
+    if spec.upsample != "deconv":
         unsupported.append(
-            f"upsample: {cfg.upsample} (MONAI UNet upsamples with transposed convolutions only)"
+            f"upsample: {spec.upsample} (MONAI UNet upsamples with transposed convolutions only)"
         )
-    if cfg.deep_supervision:
+    if spec.deep_supervision:
         unsupported.append("deep_supervision: true (MONAI UNet has no auxiliary heads)")
+    if spec.kernel_size != 3:
+        unsupported.append(f"kernel_size {spec.kernel_size} (MONAI UNet uses 3)")
     if unsupported:
         raise ConfigError(
             "model.name 'monai_unet' does not support " + "; ".join(unsupported) + ". Use model.name: unet, "
             "which supports both, or remove the setting."
         )
     return MonaiUNet(
-        spatial_dims,
+        spec.spatial_dims,
         in_channels,
         out_channels,
-        channels=cfg.channels,
-        strides=strides,
-        residual=cfg.residual,
-        norm=cfg.norm,
+        channels=spec.channels,
+        strides=spec.strides,
+        residual=spec.residual,
+        norm=spec.norm,
     )
+
+
+def create_network(spec: NetworkSpec, *, in_channels: int, out_channels: int) -> nn.Module:
+    """Build the network a :class:`~medseg.models.spec.NetworkSpec` records (e.g. a plan's ``network``).
+
+    The returned module has the attributes ``level_strides`` (per-level, per-axis strides),
+    ``input_divisor`` (see :func:`check_input_shape`) and ``output_strides`` (downsampling factor per
+    axis of each output; one entry unless deep supervision is on). Outputs are logits; see the module
+    docstring for the exact convention.
+
+    Raises:
+        ConfigError: Unknown model name (with a did-you-mean hint), a setting the model does not
+            support, or channel counts below 1.
+    """
+    builder = MODELS.get(spec.name)
+    if in_channels < 1 or out_channels < 1:
+        raise ConfigError(f"in_channels and out_channels must be >= 1, got {in_channels} and {out_channels}")
+    return builder(spec, in_channels=in_channels, out_channels=out_channels)
 
 
 def create_model(
@@ -551,14 +431,12 @@ def create_model(
     patch_size: Sequence[int] | None = None,
     spacing_mm: Sequence[float] | None = None,
 ) -> nn.Module:
-    """Build the network described by ``model_cfg``: the only path from config to model.
+    """Build the network ``model_cfg`` describes for a patch: :meth:`NetworkSpec.from_config`, then
+    :func:`create_network`.
 
-    The architecture is a function of all arguments (``patch_size``/``spacing_mm`` choose the strides
-    when ``model_cfg.strides`` is unset, see :func:`resolve_strides`), so inference must pass the same
-    values as training (they are in the run's ``plan.json``). The returned module has the attributes
-    ``level_strides`` (per-level, per-axis strides), ``input_divisor`` (see :func:`check_input_shape`)
-    and ``output_strides`` (downsampling factor per axis of each output; one entry unless deep
-    supervision is on). Outputs are logits; see the module docstring for the exact convention.
+    The strides are chosen from ``patch_size``/``spacing_mm`` when ``model_cfg.strides`` is unset (see
+    :func:`resolve_strides`). A trained model is rebuilt from its plan's recorded ``network``
+    instead, never through this function, so that no one chooses its strides again.
 
     Args:
         model_cfg: The config's ``model`` section.
@@ -579,11 +457,9 @@ def create_model(
         >>> net.input_divisor
         (4, 4, 4)
     """
-    builder = MODELS.get(model_cfg.name)
+    MODELS.get(model_cfg.name)  # an unknown name is reported before anything else
     if spatial_dims not in (2, 3):
         raise ConfigError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    if in_channels < 1 or out_channels < 1:
-        raise ConfigError(f"in_channels and out_channels must be >= 1, got {in_channels} and {out_channels}")
     if patch_size is not None and len(patch_size) != spatial_dims:
         raise ConfigError(
             f"patch_size {list(patch_size)} has {len(patch_size)} values; expected {spatial_dims}"
@@ -592,21 +468,9 @@ def create_model(
         raise ConfigError(
             f"spacing_mm {list(spacing_mm)} has {len(spacing_mm)} values; expected {spatial_dims}"
         )
-    strides = resolve_strides(
+    spec = NetworkSpec.from_config(
         model_cfg, spatial_dims=spatial_dims, patch_size=patch_size, spacing_mm=spacing_mm
     )
     if patch_size is not None:
-        div = required_divisor(strides)
-        if any(int(p) % k for p, k in zip(patch_size, div, strict=True)):
-            raise ConfigError(
-                f"patch_size {list(patch_size)} is not divisible by {list(div)} per axis (the product of the "
-                f"model's strides {[list(s) for s in strides]}); use train.patch_size "
-                f"{list(_padded(patch_size, div))}, or fewer levels in model.channels"
-            )
-    return builder(
-        model_cfg,
-        spatial_dims=spatial_dims,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        strides=strides,
-    )
+        spec.check_patch_size(patch_size)
+    return create_network(spec, in_channels=in_channels, out_channels=out_channels)

@@ -32,7 +32,9 @@ from medseg.data.plan import Plan
 from medseg.data.preprocess import CachedCase
 from medseg.data.sampling import sample_patch
 from medseg.errors import ConfigError, DataError
-from medseg.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medseg.runtime.bundle import network_of
+from medseg.runtime.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medseg.runtime.device import amp_dtype, resolve_device
 from medseg.training.distributed import (
     DistContext,
     ddp_device,
@@ -45,24 +47,6 @@ from medseg.training.run_dir import MetricsCSV, plot_curves, write_bundle_files
 logger = logging.getLogger(__name__)
 
 CONTEXT_FACTOR = 1.25  # patches are cut larger and centre-cropped after rotation/scaling
-
-
-def resolve_device(name: str, *, what: str = "train.device") -> torch.device:
-    """``auto`` → CUDA when available else CPU; ``cpu``; ``cuda[:i]`` must exist. ``what`` names the
-    setting in error messages (``train.device``, ``--device``)."""
-    import re
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise ConfigError(f"{what} {name!r}: expected auto, cpu, cuda or cuda:N (e.g. cuda:0)")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{what} is {name!r} but no CUDA device is available here; use cpu or auto")
-        idx = int(name.split(":")[1]) if ":" in name else 0
-        if idx >= torch.cuda.device_count():
-            raise ConfigError(f"{what} {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
-    return torch.device(name)
 
 
 @dataclass
@@ -235,7 +219,7 @@ def train(
 def _train(cfg: Config, ctx: DistContext, run_dir: Path, *, resume: bool, progress: bool) -> Path:
     from medseg.data.datasets import load_dataset
     from medseg.losses.compound import create_loss
-    from medseg.models.unet import create_model
+    from medseg.models.unet import create_network
 
     tc = cfg.train
     device = ddp_device(tc.device, ctx.local_rank) if ctx.enabled else resolve_device(tc.device)
@@ -266,14 +250,8 @@ def _train(cfg: Config, ctx: DistContext, run_dir: Path, *, resume: bool, progre
     cached = _cache_cases(ctx, [by_id[c] for c in sorted(set(train_ids) | set(val_ids))], plan, cfg, progress)
     train_cases = [_load_train_case(cached[i], plan.mode) for i in train_ids]
 
-    net = create_model(
-        cfg.model,
-        spatial_dims=plan.spatial_dims,
-        in_channels=plan.in_channels,
-        out_channels=plan.out_channels,
-        patch_size=plan.patch_size,
-        spacing_mm=plan.target_spacing_mm,
-    ).to(device)
+    spec = network_of(plan, ck, where=run_dir)  # an old run resumed: derived once, with a warning
+    net = create_network(spec, in_channels=plan.in_channels, out_channels=plan.out_channels).to(device)
     loss_fn = create_loss(cfg.loss, plan.mode, plan.out_channels).to(device)
     if tc.optimizer == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(
@@ -284,9 +262,9 @@ def _train(cfg: Config, ctx: DistContext, run_dir: Path, *, resume: bool, progre
             net.parameters(), lr=tc.lr, momentum=0.99, nesterov=True, weight_decay=tc.weight_decay
         )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(tc.schedule, e, tc.epochs))
-    use_amp = tc.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    autocast_dtype = amp_dtype(device, enabled=tc.amp)
+    use_amp = autocast_dtype is not None
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
 
     metrics = MetricsCSV(run_dir / "metrics.csv", plan.structure_names) if ctx.is_main else None
     start_epoch, best, since_best = 0, -1.0, 0
@@ -340,7 +318,7 @@ def _train(cfg: Config, ctx: DistContext, run_dir: Path, *, resume: bool, progre
             opt,
             scaler,
             device,
-            amp_dtype,
+            autocast_dtype or torch.float16,  # unused when use_amp is false
             use_amp,
             tc.grad_clip,
             desc=f"epoch {epoch + 1}/{tc.epochs}",
@@ -443,6 +421,7 @@ def _plan_and_bundle(
 ) -> Plan:
     """Rank 0: plan (or reload the run's plan when resuming), write config.yaml, env.json, plan.json."""
     from medseg.data.plan import compute_fingerprint, make_plan
+    from medseg.training.memory import memory_estimator
 
     plan_path = run_dir / "plan.json"
     if resume and plan_path.exists():
@@ -450,7 +429,7 @@ def _plan_and_bundle(
     else:
         logger.info("planning from %d training cases", len(cases))
         fp = compute_fingerprint(cases, cfg.data, seed=cfg.train.seed, progress=progress)
-        plan = make_plan(cfg, fp, divisor=2 ** (len(cfg.model.channels) - 1))
+        plan = make_plan(cfg, fp, memory=memory_estimator(cfg), divisor=2 ** (len(cfg.model.channels) - 1))
     write_bundle_files(run_dir, cfg, str(device), world_size=world_size)
     plan.save(plan_path)
     logger.info(
@@ -532,7 +511,7 @@ def _train_epoch(
     opt: torch.optim.Optimizer,
     scaler: Any,
     device: torch.device,
-    amp_dtype: torch.dtype,
+    autocast_dtype: torch.dtype,
     use_amp: bool,
     grad_clip: float,
     *,
@@ -550,7 +529,7 @@ def _train_epoch(
         y = batch["label"].to(device, non_blocking=True)
         w = batch["weights"].to(device, non_blocking=True) if "weights" in batch else None
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_amp):
             out = model(x)
         loss = loss_fn(_float(out), y, w)
         if not torch.isfinite(loss):

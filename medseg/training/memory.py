@@ -48,7 +48,7 @@ feature-map sizes times a constant), which does not carry over to other register
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +56,11 @@ import torch
 from torch import nn
 
 from medseg.config import Config
-from medseg.data.plan import GB  # bytes per "GB" of train.memory_gb (GiB)
 from medseg.errors import ConfigError
+from medseg.losses.compound import create_loss
+from medseg.models.spec import NetworkSpec, required_divisor, resolve_strides
+from medseg.models.unet import create_network
+from medseg.units import GB
 
 __all__ = [
     "CUDA_OVERHEAD_BYTES",
@@ -65,6 +68,7 @@ __all__ = [
     "ProbeResult",
     "TrainingMemory",
     "estimate_training_memory",
+    "memory_estimator",
     "training_uses_amp",
     "trains_on_cuda",
 ]
@@ -171,8 +175,6 @@ class TrainingMemory:
 
     def strides(self, patch_size: Sequence[int]) -> list[tuple[int, ...]]:
         """Per-level strides of the network trained on ``patch_size`` (raises ConfigError if too small)."""
-        from medseg.models.unet import resolve_strides
-
         return resolve_strides(
             self.cfg.model,
             spatial_dims=self.cfg.data.spatial_dims,
@@ -245,10 +247,13 @@ def estimate_training_memory(
     )
 
 
-def _probe(cfg: Config, in_channels: int, strides: tuple[tuple[int, ...], ...], *, scale: int) -> ProbeResult:
-    from medseg.losses.compound import create_loss
-    from medseg.models.unet import MODELS, required_divisor
+def memory_estimator(cfg: Config) -> Callable[[Sequence[float], int], TrainingMemory]:
+    """The estimator factory :func:`medseg.data.plan.make_plan` takes: ``(target spacing,
+    in_channels) ->`` :class:`TrainingMemory` for ``cfg``, deciding AMP and CUDA as training does."""
+    return lambda spacing, in_channels: TrainingMemory(cfg, in_channels=in_channels, spacing_mm=spacing)
 
+
+def _probe(cfg: Config, in_channels: int, strides: tuple[tuple[int, ...], ...], *, scale: int) -> ProbeResult:
     dims = cfg.data.spatial_dims
     out_channels = _out_channels(cfg)
     divisor = required_divisor(strides)
@@ -256,9 +261,8 @@ def _probe(cfg: Config, in_channels: int, strides: tuple[tuple[int, ...], ...], 
     # fork the RNG: building a network draws initial weights, and planning must not change the
     # weights the seeded training run starts from
     with torch.random.fork_rng(devices=[]):
-        model: nn.Module = MODELS.get(cfg.model.name)(
-            cfg.model, spatial_dims=dims, in_channels=in_channels, out_channels=out_channels, strides=strides
-        )
+        spec = NetworkSpec.from_config(cfg.model, spatial_dims=dims, strides=strides)
+        model: nn.Module = create_network(spec, in_channels=in_channels, out_channels=out_channels)
         loss_fn = create_loss(cfg.loss, cfg.data.mode, out_channels)
     model.train()
     threads = torch.get_num_threads()

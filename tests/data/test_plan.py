@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from medseg.config import Config, load_config
-from medseg.data.plan import GB, ChannelNorm, Fingerprint, Plan, make_plan, plan_patch_size
+from medseg.data.plan import ChannelNorm, Fingerprint, Plan, make_plan, plan_patch_size
 from medseg.errors import ConfigError
-from medseg.training.memory import TrainingMemory
+from medseg.training.memory import TrainingMemory, memory_estimator
+from medseg.units import GB
 
 # a tiny 3D network: 3 levels -> patches are multiples of 4
 TINY: dict[str, Any] = {
@@ -150,13 +151,13 @@ def test_config_patch_size_wins_with_a_warning(caplog: pytest.LogCaptureFixture)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_make_plan_builds_its_own_estimator_and_keeps_the_rng() -> None:
+def test_make_plan_with_the_training_estimator_keeps_the_rng() -> None:
     import torch
 
     cfg = tiny_cfg(memory_gb=0.3 * full_estimate() / GB)
     torch.manual_seed(3)
     before = torch.get_rng_state()
-    plan = make_plan(cfg, fingerprint())  # device: cpu -> float32, no CUDA overhead
+    plan = make_plan(cfg, fingerprint(), memory=memory_estimator(cfg))  # cpu: float32, no CUDA overhead
     assert torch.equal(torch.get_rng_state(), before)  # planning must not shift the model's init
     assert plan.memory_estimate_bytes is not None
     assert plan.memory_estimate_bytes <= plan.memory_budget_bytes
@@ -192,13 +193,46 @@ def test_plan_json_round_trip_and_old_files_without_memory_fields(tmp_path: Any)
     assert loaded.patch_size == plan.patch_size
 
 
+def test_plan_records_the_network_with_its_planned_strides(tmp_path: Any) -> None:
+    from medseg.models import NetworkSpec, create_network
+
+    cfg = tiny_cfg(patch_size=[16, 16, 8])
+    plan = make_plan(cfg, fingerprint(spacing=(1.0, 1.0, 3.0)), memory=cpu_memory(cfg))
+    assert plan.network is not None
+    # 1 x 1 x 3 mm: the coarse axis is not pooled at the first downsampling level
+    assert plan.network.strides == ((1, 1, 1), (2, 2, 1), (2, 2, 2))
+    assert plan.network.channels == (4, 8, 16) and plan.network.name == "unet"
+    loaded = Plan.load(plan.save(tmp_path / "plan.json"))
+    assert loaded.network == plan.network
+    assert json.loads((tmp_path / "plan.json").read_text())["network"]["strides"] == [
+        [1, 1, 1],
+        [2, 2, 1],
+        [2, 2, 2],
+    ]
+    net = create_network(loaded.network, in_channels=1, out_channels=3)
+    assert net.level_strides == [(1, 1, 1), (2, 2, 1), (2, 2, 2)]
+    # an older plan.json without the record loads with network None (the bundle derives it)
+    old = plan.to_dict()
+    del old["network"]
+    assert Plan.from_dict(old).network is None
+    assert isinstance(NetworkSpec.from_dict(plan.network.to_dict()), NetworkSpec)
+
+
+def test_configured_patch_that_does_not_fit_the_strides_is_refused_when_planning() -> None:
+    cfg = tiny_cfg(patch_size=[18, 16, 8])
+    with pytest.raises(
+        ConfigError, match=r"not divisible by \[4, 4, 2\].*use train.patch_size \[20, 16, 8\]"
+    ):
+        make_plan(cfg, fingerprint(), memory=cpu_memory(cfg))
+
+
 def test_preprocess_key_ignores_memory_fields_and_matches_older_plans() -> None:
     plain = sample_plan()
     planned = sample_plan(memory_estimate_bytes=5 * GB, memory_budget_bytes=8 * GB)
     assert planned.preprocess_key() == plain.preprocess_key()
     # the key of a plan written before these fields existed: patch_size and median_shape dropped
     d = json.loads(json.dumps(asdict(plain)))
-    for k in ("patch_size", "median_shape", "memory_estimate_bytes", "memory_budget_bytes"):
+    for k in ("patch_size", "median_shape", "memory_estimate_bytes", "memory_budget_bytes", "network"):
         d.pop(k)
     old_key = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     assert planned.preprocess_key() == old_key

@@ -9,9 +9,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from factories import build_plan
 
 from medseg.cli.main import main
-from medseg.data.plan import ChannelNorm, Plan
+from medseg.data.plan import ChannelNorm
 from medseg.inference.predict import combined_label_map
 from medseg.io import load_volume, save_volume
 from medseg.io.dicom_write import write_dicom_series
@@ -21,19 +22,7 @@ from medseg.types import Volume
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory, save_run) -> Path:
     """A run directory with an untrained network (geometry does not depend on the weights)."""
-    plan = Plan(
-        spatial_dims=3,
-        modality="ct",
-        mode="softmax",
-        structure_names=("a", "b"),
-        label_values=(1, 2),
-        in_channels=1,
-        target_spacing_mm=(1.5, 1.5, 3.0),
-        patch_size=(16, 16, 8),
-        normalization=(ChannelNorm("ct", -1000, 1000, 0, 500),),
-        body_threshold=-500.0,
-    )
-    return save_run(tmp_path_factory.mktemp("run"), plan)
+    return save_run(tmp_path_factory.mktemp("run"), build_plan())
 
 
 def _scan(affine: np.ndarray, shape=(30, 26, 9)) -> Volume:
@@ -183,17 +172,17 @@ def test_duplicate_case_names_are_refused(
 
 @pytest.fixture(scope="module")
 def bundle_2d(tmp_path_factory: pytest.TempPathFactory, save_run) -> Path:
-    plan = Plan(
+    plan = build_plan(
         spatial_dims=2,
         modality="xray",
         mode="sigmoid",
         structure_names=("lung", "clavicle"),
         label_values=(),
-        in_channels=1,
         target_spacing_mm=(2.0, 2.0),
         patch_size=(32, 32),
         normalization=(ChannelNorm("zscore"),),
         crop_to_body=False,
+        body_threshold=None,
     )
     return save_run(tmp_path_factory.mktemp("run2d"), plan)
 
@@ -314,7 +303,8 @@ def test_streamed_inputs_give_the_labels_of_the_loaded_scan(
     whole) and give the labels predict_volume gives on the loaded scan."""
     import medseg.io.dicom
     import medseg.io.nifti
-    from medseg.inference.predict import load_bundle, predict_volume
+    from medseg.inference.predict import predict_volume
+    from medseg.runtime.bundle import load_bundle
 
     scan = _scan(AFFINES["LPS"])
     if kind == "dicom":

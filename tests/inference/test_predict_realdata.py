@@ -8,9 +8,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from factories import build_plan
 
 from medseg.cli.main import main
-from medseg.data.plan import ChannelNorm, Plan
+from medseg.data.plan import ChannelNorm
 from medseg.io import load_volume
 from medseg.types import same_physical_grid
 
@@ -20,18 +21,12 @@ pytestmark = pytest.mark.realdata
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, save_run) -> Path:
     """A CT run directory with a tiny random network at 4 mm (weights do not change geometry)."""
-    plan = Plan(
-        spatial_dims=3,
-        modality="ct",
-        mode="softmax",
+    plan = build_plan(
         structure_names=("liver", "spleen"),
         label_values=(5, 1),
-        in_channels=1,
         target_spacing_mm=(4.0, 4.0, 4.0),
         patch_size=(32, 32, 16),
         normalization=(ChannelNorm("ct", -1000, 1000, 0, 400),),
-        crop_to_body=True,
-        body_threshold=-500.0,
     )
     return save_run(tmp_path_factory.mktemp("run"), plan)
 
