@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from medseg.errors import ConfigError
+from medseg.names import check_name
 
 __all__ = [
     "Config",
@@ -95,6 +96,8 @@ class DataConfig(Strict):
             raise ValueError(f"label values must be unique, repeated: {dup}")
         if max(values) > 65535:
             raise ValueError("label values must fit in uint16 (<= 65535)")
+        for name in v:
+            check_name(name)
         return v
 
     @field_validator("structures")
@@ -107,6 +110,8 @@ class DataConfig(Strict):
         dup = sorted({s for s in v if v.count(s) > 1})
         if dup:
             raise ValueError(f"structure names must be unique, repeated: {dup}")
+        for name in v:
+            check_name(name)
         return v
 
     @model_validator(mode="after")

@@ -21,8 +21,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medseg.errors import ConfigError
+from medseg.names import check_label_name, check_name, spreadsheet_safe
 
-__all__ = ["LabelSpec", "default_label_spec", "load_label_spec"]
+__all__ = [
+    "LabelSpec",
+    "check_label_name",
+    "check_name",
+    "default_label_spec",
+    "load_label_spec",
+    "spreadsheet_safe",
+]
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,8 @@ class LabelSpec:
             raise ConfigError(f"{self.source}: structure names repeat: {dup}")
         if 0 in self.values and self.mode == "softmax":
             raise ConfigError(f"{self.source}: label value 0 is background and cannot name a structure")
+        for n in self.names:
+            check_label_name(n, where=self.source)
 
     def name_of(self, value: int) -> str:
         """The name of a label value (``label_<value>`` when unnamed)."""

@@ -36,6 +36,7 @@ from medseg.config import Config
 from medseg.errors import ConfigError, DataError
 from medseg.io._atomic import atomic_write
 from medseg.models.spec import NetworkSpec
+from medseg.names import check_name
 from medseg.units import GB, format_bytes
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,21 @@ class Plan:
     memory_budget_bytes: int | None = None  # train.memory_gb when planned
     network: NetworkSpec | None = None  # None: a plan written before networks were recorded
     version: int = PREPROCESS_VERSION
+
+    def __post_init__(self) -> None:
+        # a plan may come from another site's model folder: its names become output file names
+        for name in self.structure_names:
+            check_name(name, where="plan")
+        if self.mode not in ("softmax", "sigmoid"):
+            raise ConfigError(f"plan: mode {self.mode!r} is neither 'softmax' nor 'sigmoid'")
+        if self.mode == "softmax" and len(self.label_values) != len(self.structure_names):
+            raise ConfigError(
+                f"plan: {len(self.structure_names)} structure names but {len(self.label_values)} label values"
+            )
+        known = set(self.structure_names)
+        unknown = sorted({n for pair in self.left_right_pairs for n in pair} - known)
+        if unknown:
+            raise ConfigError(f"plan: left_right_pairs name unknown structures {unknown}")
 
     @property
     def out_channels(self) -> int:

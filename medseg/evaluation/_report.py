@@ -12,7 +12,29 @@ from typing import Any
 
 import numpy as np
 
+from medseg.io._atomic import atomic_write
 from medseg.labels import LabelSpec
+from medseg.names import spreadsheet_safe
+
+COLUMNS = (
+    "case",
+    "structure",
+    "label",
+    "dice",
+    "volume_pred_ml",
+    "volume_ref_ml",
+    "volume_diff_ml",
+    "volume_diff_pct",
+    "n_pred",
+    "n_ref",
+    "tp",
+    "fp",
+    "fn",
+    "ref_touches_border",
+)
+"""Columns of ``metrics.csv``, one row per (case, structure)."""
+DISTANCE_COLUMNS = ("hd95_mm", "nsd")
+"""Columns added with ``--distances``."""
 
 STATISTICS = (
     "mean, median, std (population, ddof=0), min and max over the cases where the value is finite; "
@@ -122,6 +144,8 @@ def _csv_value(v: Any) -> Any:
         return ""
     if isinstance(v, float):
         return format(v, ".10g")  # nan and inf are written as 'nan' and 'inf'
+    if isinstance(v, str):  # case and structure names come from file names and label maps
+        return spreadsheet_safe(v)
     return v
 
 
@@ -129,9 +153,6 @@ def write_outputs(
     rows: list[dict[str, Any]], summary: dict[str, Any], output: Path, *, distances: bool, plot: bool
 ) -> dict[str, Path]:
     """Write metrics.csv, summary.json and (with `plot`) dice_boxplot.png atomically into `output`."""
-    from medseg.evaluation.evaluate import COLUMNS, DISTANCE_COLUMNS
-    from medseg.io._atomic import atomic_write
-
     output.mkdir(parents=True, exist_ok=True)
     columns = list(COLUMNS) + (list(DISTANCE_COLUMNS) if distances else [])
     paths = {"metrics_csv": output / "metrics.csv", "summary_json": output / "summary.json"}
@@ -155,7 +176,6 @@ def write_boxplot(rows: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medseg.io._atomic import atomic_write
 
     values: dict[str, list[float]] = {}
     for r in rows:

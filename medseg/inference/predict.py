@@ -29,6 +29,7 @@ from medseg.inference.engine import EngineOptions, EngineStats, ProbabilitySink,
 from medseg.inference.postprocess import postprocess_label_map, postprocess_masks
 from medseg.inference.process import peak_rss_bytes
 from medseg.io._atomic import atomic_write
+from medseg.names import safe_join
 from medseg.runtime.bundle import Bundle, load_bundle
 from medseg.types import Volume
 
@@ -91,7 +92,7 @@ def output_extension(path: Path, plan: Plan) -> str:
 
 def output_path(out_dir: Path, case: str, plan: Plan, ext: str) -> Path:
     """``<case><ext>`` (exclusive labels) or the folder ``<case>/`` of per-structure masks."""
-    return out_dir / (f"{case}{ext}" if plan.mode == "softmax" else case)
+    return safe_join(out_dir, f"{case}{ext}" if plan.mode == "softmax" else case)
 
 
 def write_prediction(pred: Volume, plan: Plan, out_dir: Path, case: str, *, ext: str) -> list[Path]:
@@ -103,13 +104,13 @@ def write_prediction(pred: Volume, plan: Plan, out_dir: Path, case: str, *, ext:
     from medseg.io import save_label_map
 
     if plan.mode == "softmax":
-        return [save_label_map(pred, out_dir / f"{case}{ext}")]
-    final = out_dir / case
-    tmp = out_dir / f".{case}.tmp-{os.getpid()}"
+        return [save_label_map(pred, safe_join(out_dir, f"{case}{ext}"))]
+    final = safe_join(out_dir, case)
+    tmp = safe_join(out_dir, f".{case}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     scale = 255 if ext == ".png" else 1
     for k, name in enumerate(plan.structure_names):
-        save_label_map(pred.with_array(pred.array[k : k + 1] * scale), tmp / f"{name}{ext}")
+        save_label_map(pred.with_array(pred.array[k : k + 1] * scale), safe_join(tmp, f"{name}{ext}"))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -135,7 +136,7 @@ def write_combined_labels(pred: Volume, plan: Plan, out_dir: Path, case: str, *,
     ``<case>_labels.json`` naming the values and the overlap rule."""
     from medseg.io import save_label_map
 
-    side = out_dir / f"{case}_labels.json"
+    side = safe_join(out_dir, f"{case}_labels.json")
     info = {
         "labels": {str(k + 1): name for k, name in enumerate(plan.structure_names)},
         "background": 0,
@@ -144,7 +145,9 @@ def write_combined_labels(pred: Volume, plan: Plan, out_dir: Path, case: str, *,
     }
     with atomic_write(side) as tmp:  # first: a case counts as done only once the label map exists
         tmp.write_text(json.dumps(info, indent=2))
-    path = save_label_map(pred.with_array(combined_label_map(pred.array)), out_dir / f"{case}_labels{ext}")
+    path = save_label_map(
+        pred.with_array(combined_label_map(pred.array)), safe_join(out_dir, f"{case}_labels{ext}")
+    )
     return [path, side]
 
 
@@ -161,8 +164,8 @@ class ProbabilityWriter:
         from medseg.data.geometry import canonical_ornt
         from medseg.inference.engine import oriented_view
 
-        self.final = out_dir / f"{case}_probabilities.npy"
-        self.tmp = out_dir / f".{case}_probabilities.tmp-{os.getpid()}.npy"
+        self.final = safe_join(out_dir, f"{case}_probabilities.npy")
+        self.tmp = safe_join(out_dir, f".{case}_probabilities.tmp-{os.getpid()}.npy")
         shape = (plan.out_channels, *image.spatial_shape)
         # Fortran order: slabs along the last axis are contiguous in the file, as the engine writes them
         self.mm = np.lib.format.open_memmap(
@@ -336,15 +339,15 @@ def _expected_outputs(out_dir: Path, case: str, path: Path, plan: Plan, batch: B
     fmt = batch.output_format
     outs = []
     if batch.save_probabilities:
-        outs.append(out_dir / f"{case}_probabilities.npy")
+        outs.append(safe_join(out_dir, f"{case}_probabilities.npy"))
     if batch.report:
-        outs.append(out_dir / f"{case}_report" / "report.html")
+        outs.append(safe_join(out_dir, f"{case}_report", "report.html"))
     if fmt in ("nifti", "both"):
         outs.append(output_path(out_dir, case, plan, output_extension(path, plan)))
         if batch.combined_labels and plan.mode == "sigmoid":
-            outs.append(out_dir / f"{case}_labels{output_extension(path, plan)}")
+            outs.append(safe_join(out_dir, f"{case}_labels{output_extension(path, plan)}"))
     if fmt in ("dicom-seg", "both"):
-        outs.append(out_dir / f"{case}_seg.dcm")
+        outs.append(safe_join(out_dir, f"{case}_seg.dcm"))
     return outs
 
 
@@ -422,12 +425,12 @@ def _predict_loaded(
             if batch.combined_labels and bundle.plan.mode == "sigmoid":
                 files += write_combined_labels(pred, bundle.plan, out_dir, case, ext=ext)
         if batch.output_format in ("dicom-seg", "both"):
-            files.append(_write_seg(pred, bundle, source, out_dir / f"{case}_seg.dcm"))
+            files.append(_write_seg(pred, bundle, source, safe_join(out_dir, f"{case}_seg.dcm")))
         if writer is not None:
             files += writer.close()
             writer = None
         if batch.report:
-            files += _write_report(vol, pred, bundle, out_dir / f"{case}_report")
+            files += _write_report(vol, pred, bundle, safe_join(out_dir, f"{case}_report"))
     except BaseException:
         if writer is not None:  # a half-written probability file must not stay behind
             writer.abort()

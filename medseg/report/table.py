@@ -27,6 +27,7 @@ from scipy import ndimage as ndi
 from medseg.errors import DataError
 from medseg.labels import LabelSpec
 from medseg.metrics.volume import AXIS_NAMES, touches_border, touches_border_labels, volume_ml
+from medseg.names import spreadsheet_safe
 from medseg.types import Volume
 
 __all__ = ["StructureRow", "StructureTable", "structure_table", "anatomical_side", "table_csv"]
@@ -195,7 +196,7 @@ def table_csv(table: StructureTable) -> str:
     for row in table.rows:
         writer.writerow(
             [
-                row.structure,
+                spreadsheet_safe(row.structure),  # names come from label maps: never a formula
                 row.label,
                 f"{row.size:.6g}",
                 row.n_voxels,
