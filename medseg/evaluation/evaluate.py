@@ -33,6 +33,7 @@ import numpy as np
 
 from medseg.errors import ConfigError, DataError
 from medseg.evaluation._cases import CasePair, Grid, Side, match_cases, open_side
+from medseg.evaluation._report import COLUMNS, DISTANCE_COLUMNS, build_summary, write_outputs
 from medseg.labels import LabelSpec
 from medseg.metrics.distances import SurfaceMetrics
 from medseg.metrics.overlap import Counts
@@ -41,23 +42,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EvaluateOptions", "EvaluationResult", "evaluate", "evaluate_case", "COLUMNS", "DISTANCE_COLUMNS"]
 
-COLUMNS = (
-    "case",
-    "structure",
-    "label",
-    "dice",
-    "volume_pred_ml",
-    "volume_ref_ml",
-    "volume_diff_ml",
-    "volume_diff_pct",
-    "n_pred",
-    "n_ref",
-    "tp",
-    "fp",
-    "fn",
-    "ref_touches_border",
-)
-DISTANCE_COLUMNS = ("hd95_mm", "nsd")
 
 
 @dataclass(frozen=True)
@@ -115,7 +99,6 @@ def evaluate(
             named), mask folders that lack structures.
         ConfigError: Invalid options, unreadable ``labels``, or an output folder inside an input.
     """
-    from medseg.evaluation._report import build_summary, write_outputs
     from medseg.labels import load_label_spec
 
     options = options or EvaluateOptions()
