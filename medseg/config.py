@@ -238,10 +238,10 @@ class PredictConfig(Strict):
     batch_size: PositiveInt = 2
     tta: bool = False
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
-    resample: Literal["probabilities", "logits"] = Field(
-        "probabilities",
-        description="what is resampled to the input grid before argmax/threshold when the spacing changed: "
-        "probabilities, or logits as nnU-Net v2 exports (labels never are)",
+    resample: Literal["logits", "probabilities"] = Field(
+        "logits",
+        description="what is resampled linearly to the input grid before argmax/threshold when the spacing "
+        "changed: the blended logits (nnU-Net v2's rule), or probabilities (labels never are)",
     )
     min_component_mm3: NonNegativeFloat = 0.0
     fill_holes: bool = False

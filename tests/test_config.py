@@ -156,3 +156,13 @@ def test_config_is_frozen() -> None:
     cfg = load_config(MINIMAL)
     with pytest.raises(ValidationError, match="frozen"):
         cfg.train.epochs = 5  # type: ignore[misc]
+
+
+def test_prediction_resamples_logits_by_default() -> None:
+    """nnU-Net's rule: the blended logits are resampled to the input grid (probabilities on request)."""
+    from medseg.config import PredictConfig
+    from medseg.inference.engine import EngineOptions
+
+    assert PredictConfig().resample == "logits"
+    assert EngineOptions().resample == "logits"
+    assert EngineOptions.from_config(PredictConfig(resample="probabilities")).resample == "probabilities"

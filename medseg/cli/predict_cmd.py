@@ -56,9 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--resample",
-        choices=["probabilities", "logits"],
-        help="what is resampled to the input grid before the decision when the spacing changed "
-        "(probabilities; logits as nnU-Net v2 does: agrees with nnU-Net's output near boundaries)",
+        choices=["logits", "probabilities"],
+        help="what is resampled to the input grid before the decision when the spacing changed: logits "
+        "(default, nnU-Net v2's rule: agrees with nnU-Net's output near boundaries) or probabilities",
     )
     g.add_argument(
         "--coarse-roi",

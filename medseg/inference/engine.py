@@ -16,10 +16,11 @@ What it does, in data-flow order (3D; a 2D image is the same with one in-plane a
    entirely air (below the plan's body threshold) can be skipped: their voxels are background.
    With ``coarse_roi``, a first pass of non-overlapping windows marks (in 8-voxel blocks) where any
    structure is predicted, and the overlapping windows run only within a quarter patch of a mark.
-4. As soon as no remaining window touches a slice, it is finalised: softmax/sigmoid, resampled back
-   to the input's slice spacing a few slices at a time, and decided there (argmax or threshold — the
-   probabilities are resampled, never the labels), straight into the uint8/uint16 output, which is a
-   view of the result in the input's own storage order.
+4. As soon as no remaining window touches a slice, it is finalised: the blended logits (or, with
+   ``resample="probabilities"``, their softmax/sigmoid) are resampled back to the input's slice
+   spacing a few slices at a time and decided there (argmax or threshold — never the labels are
+   resampled), straight into the uint8/uint16 output, which is a view of the result in the input's
+   own storage order.
 
 Why hand-written: MONAI's ``sliding_window_inference`` keeps the full ``(K, *spatial)`` float output in
 memory (its ``buffer_steps`` option only bounds *device* memory), which for a 512×512×1000 CT with 20+
@@ -75,10 +76,13 @@ class EngineOptions:
             of the scan (one organ in a whole-body CT) and the raw output has no scattered false
             positives (every blob is marked); costs time when they fill most of it.
         resample: What is resampled linearly to the input's grid when the spacing changed, before the
-            decision: ``probabilities`` (softmax/sigmoid outputs, the default) or ``logits`` (the
-            blended network outputs, as nnU-Net v2 exports; the decision is then argmax / ``logit >
-            logit(threshold)``, and saved probabilities are the softmax/sigmoid of the resampled
-            logits). Either way labels are never resampled; the two differ only near boundaries.
+            decision: ``logits`` (the blended network outputs, as nnU-Net v2 exports, the default; the
+            decision is then argmax / ``logit > logit(threshold)``, and saved probabilities are the
+            softmax/sigmoid of the resampled logits) or ``probabilities`` (softmax/sigmoid outputs).
+            Either way labels are never resampled; the two differ only near boundaries. Logits are
+            the default because on the inference benchmark they agreed with nnU-Net's output at Dice
+            >= 0.996 per structure (probabilities: 0.975) and scored as well or better against the
+            reference.
         accumulator_dtype: ``float32``, or ``float16`` to halve the accumulator (argmax ties may change).
         threshold: Probability threshold of sigmoid (overlapping-structure) models.
         progress: Show a progress bar over windows.
@@ -89,7 +93,7 @@ class EngineOptions:
     tta: bool = False
     skip_air: bool = True
     coarse_roi: bool = False
-    resample: Literal["probabilities", "logits"] = "probabilities"
+    resample: Literal["logits", "probabilities"] = "logits"
     accumulator_dtype: Literal["float32", "float16"] = "float32"
     threshold: float = 0.5
     progress: bool = False
