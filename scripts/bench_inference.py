@@ -834,7 +834,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         choices=CONTENDERS,
         default=[c for c in CONTENDERS if c not in MEDSEG_VARIANTS],
-        help="which to run (default medseg, monai, nnunet; add the variants medseg_probabilities, medseg_roi)",
+        help="which to run (default medseg, monai, nnunet; add the variants medseg_probabilities and "
+        "medseg_roi)",
     )
     p.add_argument("--skip-nnunet", action="store_true", help="leave nnU-Net out on purpose (exit 0)")
     p.add_argument("--train-epochs", type=int, default=3, help="epochs of the auto-made model")

@@ -119,7 +119,7 @@ def child(kind: str, run: Path, scan: Path, out: Path) -> dict:
         import torch
 
         from medseg.data.preprocess import preprocess_volume
-        from medseg.inference.engine import restore_to_original
+        from medseg.inference.restore import restore_to_original
         from medseg.inference.sliding_window import sliding_window_logits
         from medseg.io import load_volume, save_label_map
         from medseg.runtime.bundle import load_bundle

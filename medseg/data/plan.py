@@ -41,7 +41,7 @@ from medseg.units import GB, format_bytes
 
 logger = logging.getLogger(__name__)
 
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: one preprocessing for cache and engine (z-score from the cropped scan)
 ANISOTROPY_RATIO = 3.0
 SAMPLES_PER_CASE = 10_000
 

@@ -1,42 +1,372 @@
-"""Per-case preprocessing (canonical orientation, crop to the body, resampling, normalisation, border
-weights) and the on-disk cache of its results.
+"""The one definition of preprocessing: used eagerly by the training cache and lazily, slab by slab, by
+the prediction engine, so both give the same arrays.
 
-Preprocessing is done once per case and cached as ``.npy`` files that training memory-maps, keyed by
-a hash of the plan's preprocessing settings and of the source files (size and modification time), so
-training never decompresses NIfTI per sample and the cache is reused across runs (DESIGN §7, §11).
+Steps, for an image and a :class:`~medseg.data.plan.Plan`:
+
+1. the input is checked against the model (:func:`check_input`: dimensions and channels);
+2. it is viewed (not copied) in the canonical RAS order (:class:`~medseg.data.canonical.CanonicalSlabs`);
+3. CT is cropped to the body: channel 0 above the plan's body threshold, grown by
+   :data:`BODY_MARGIN_VOXELS` (:func:`body_box`, slab-wise);
+4. each channel's normalisation is fixed for the scan (:func:`channel_stats`,
+   :func:`fixed_normalization`: a per-image z-score uses the cropped channel's mean and std);
+5. the crop is resampled linearly to the target spacing, rows along the last axis first and then the
+   in-plane axes (separable, the same mapping as ``F.interpolate(..., align_corners=False)``), and
+   normalised (:class:`LazyInput`, which the engine reads row by row and :meth:`Preprocessing.array`
+   reads whole, so the training cache and prediction never differ);
+6. (training) labels are cropped with the same box and resampled per class, never with nearest
+   neighbour; border-weight maps are computed on the result.
+
+The :class:`Layout` records every grid the scan passes through (``props``): what prediction needs to
+map results back onto the scan's own grid.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import os
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from medseg.data.canonical import SLAB_BYTES, CanonicalSlabs, canonical_grid
 from medseg.data.geometry import (
-    bbox_of,
     crop_affine,
-    resample_image,
+    oriented_affine,
     resample_labels,
     resample_masks,
     resampled_affine,
     resampled_shape,
     to_canonical,
 )
-from medseg.data.plan import Plan
+from medseg.data.plan import ChannelNorm, Plan
 from medseg.errors import DataError
-from medseg.io._atomic import atomic_write
 from medseg.types import Volume
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "BODY_MARGIN_VOXELS",
+    "LazyInput",
+    "Layout",
+    "PreprocessedCase",
+    "Preprocessing",
+    "body_box",
+    "channel_stats",
+    "check_input",
+    "compute_weights",
+    "fixed_normalization",
+    "label_to_indices",
+    "linear_taps",
+    "plan_layout",
+    "preprocess_case",
+    "preprocess_volume",
+]
 
 BODY_MARGIN_VOXELS = 3
+
+
+def check_input(image: Any, plan: Plan) -> None:
+    """Refuse (:class:`DataError`, naming the file) an image the model cannot take: other spatial
+    dimensions or another number of channels."""
+    where = image.meta.get("source", "image")
+    shape = "x".join(map(str, image.spatial_shape))
+    if image.spatial_dims != plan.spatial_dims and plan.spatial_dims == 3:
+        raise DataError(
+            f"{where}: a 2D image ({shape}), but the model is 3D (trained on volumes); pass a 3D scan "
+            "(NIfTI, NRRD or a DICOM series folder), or use a 2D model"
+        )
+    if image.spatial_dims != plan.spatial_dims:
+        raise DataError(
+            f"{where}: a 3D scan ({shape}), but the model is 2D; pass 2D images (PNG, a DICOM "
+            "radiograph, or a NIfTI with one slice), or use a 3D model"
+        )
+    if image.num_channels != plan.in_channels:
+        raise DataError(
+            f"{where}: {image.num_channels} channel(s), the model expects {plan.in_channels} "
+            "(one file per channel: <case>_0000, <case>_0001, ...)"
+        )
+
+
+def linear_taps(n_out: int, n_in: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of linear resampling ``n_in -> n_out`` for output rows ``start:stop``.
+
+    Same mapping as ``torch.nn.functional.interpolate(..., align_corners=False)``: output row ``o``
+    reads ``c = max((o + 0.5) * n_in / n_out - 0.5, 0)``, i.e. ``(1 - lam) * in[i0] + lam * in[i1]``.
+    """
+    o = np.arange(start, stop, dtype=np.float64)
+    c = np.maximum((o + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(c).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (c - i0).astype(np.float32)
+
+
+def resize_inplane(x: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Linear resize of the trailing in-plane axes of ``(n, C, *inplane)`` (float32)."""
+    import torch
+    import torch.nn.functional as F
+
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    mode = "bilinear" if len(size) == 2 else "linear"
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return F.interpolate(t, size=tuple(int(s) for s in size), mode=mode, align_corners=False).numpy()
+
+
+def zinterp(rows: np.ndarray, i0: np.ndarray, i1: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """``(1 - lam) * rows[i0] + lam * rows[i1]`` along axis 0 (exact copy where ``lam`` is 0)."""
+    out = rows[i0].astype(np.float32, copy=True)
+    mix = lam > 0
+    if mix.any():
+        w = lam[mix].reshape(-1, *([1] * (rows.ndim - 1)))
+        out[mix] = (1 - w) * out[mix] + w * rows[i1[mix]].astype(np.float32, copy=False)
+    return out
+
+
+def zfirst(x: np.ndarray) -> np.ndarray:
+    """``(C, *inplane, Z)`` -> ``(Z, C, *inplane)`` view."""
+    return np.moveaxis(x, -1, 0)
+
+
+@dataclass
+class Layout:
+    """The grids a scan passes through: storage -> canonical -> body crop -> resampled -> padded.
+
+    ``crop`` is in canonical voxels; ``pad`` is ``(before, after)`` per axis of the resampled grid
+    (images smaller than the patch are padded, as MONAI does).
+    """
+
+    original_shape: tuple[int, ...]
+    ornt: np.ndarray
+    canonical_shape: tuple[int, ...]
+    crop: tuple[slice, ...]
+    resampled_shape: tuple[int, ...]
+    pad: tuple[tuple[int, int], ...]
+    original_affine: np.ndarray | None = None
+
+    @property
+    def crop_shape(self) -> tuple[int, ...]:
+        return tuple(s.stop - s.start for s in self.crop)
+
+    @property
+    def padded_shape(self) -> tuple[int, ...]:
+        return tuple(n + a + b for n, (a, b) in zip(self.resampled_shape, self.pad, strict=True))
+
+    def resampled_affine(self) -> np.ndarray:
+        """Voxel -> world affine of the resampled grid (needs ``original_affine``)."""
+        if self.original_affine is None:
+            raise ValueError("this layout was made without the scan's affine")
+        canonical = oriented_affine(self.original_affine, self.ornt, self.original_shape)
+        return resampled_affine(crop_affine(canonical, self.crop), self.crop_shape, self.resampled_shape)
+
+    def props(self) -> dict[str, Any]:
+        """The geometry record of a preprocessed case (``<case>_props.json`` in the training cache):
+        enough to map results on the resampled grid back to the scan (:meth:`from_props`)."""
+        out: dict[str, Any] = {
+            "original_shape": list(self.original_shape),
+            "ornt": np.asarray(self.ornt).tolist(),
+            "canonical_shape": list(self.canonical_shape),
+            "crop": [[s.start, s.stop] for s in self.crop],
+            "resampled_shape": list(self.resampled_shape),
+        }
+        if self.original_affine is not None:
+            out["original_affine"] = np.asarray(self.original_affine).tolist()
+            out["affine"] = self.resampled_affine().tolist()
+        return out
+
+    @classmethod
+    def from_props(cls, props: dict[str, Any], patch_size: Sequence[int] | None = None) -> Layout:
+        res = tuple(int(s) for s in props["resampled_shape"])
+        return cls(
+            tuple(props["original_shape"]),
+            np.asarray(props["ornt"]),
+            tuple(props["canonical_shape"]),
+            tuple(slice(int(a), int(b)) for a, b in props["crop"]),
+            res,
+            _padding(res, patch_size or res),
+            np.asarray(props["original_affine"]) if "original_affine" in props else None,
+        )
+
+
+def _padding(shape: Sequence[int], patch: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """MONAI's padding of an image smaller than the window: ``diff // 2`` before, the rest after."""
+    out = []
+    for n, p in zip(shape, patch, strict=True):
+        diff = max(int(p) - int(n), 0)
+        out.append((diff // 2, diff - diff // 2))
+    return tuple(out)
+
+
+def body_box(src: CanonicalSlabs, threshold: float, margin: int = BODY_MARGIN_VOXELS) -> tuple[slice, ...]:
+    """Bounding box of ``channel 0 > threshold`` grown by ``margin``, computed slab-wise (no full mask).
+
+    Same result as ``bbox_of(canonical[0] > threshold, margin=margin)``; an image without body voxels
+    gives the whole grid.
+    """
+    shape = src.shape
+    hits = [np.zeros(n, bool) for n in shape]
+    for z0, slab in src.slabs():
+        m = slab[0] > threshold
+        for ax in range(len(shape)):
+            other = tuple(a for a in range(len(shape)) if a != ax)
+            proj = m.any(axis=other)
+            if ax == len(shape) - 1:
+                hits[ax][z0 : z0 + len(proj)] |= proj
+            else:
+                hits[ax] |= proj
+    if not hits[0].any():
+        return tuple(slice(0, n) for n in shape)
+    box = []
+    for ax, h in enumerate(hits):
+        idx = np.flatnonzero(h)
+        box.append(slice(max(0, int(idx[0]) - margin), min(shape[ax], int(idx[-1]) + 1 + margin)))
+    return tuple(box)
+
+
+def plan_layout(image: Any, plan: Plan) -> tuple[Layout, CanonicalSlabs]:
+    """The :class:`Layout` of ``image`` under ``plan`` and canonical slab access to its voxels."""
+    ornt, canonical_shape, spacing = canonical_grid(image)
+    src = CanonicalSlabs(image, ornt, canonical_shape)
+    box = tuple(slice(0, s) for s in canonical_shape)
+    if plan.crop_to_body and plan.body_threshold is not None:
+        box = body_box(src, plan.body_threshold)
+    crop_shape = tuple(s.stop - s.start for s in box)
+    res = resampled_shape(crop_shape, spacing, plan.target_spacing_mm)
+    layout = Layout(
+        image.spatial_shape, ornt, canonical_shape, box, res, _padding(res, plan.patch_size), image.affine
+    )
+    return layout, src
+
+
+def channel_stats(
+    src: CanonicalSlabs, inplane: Sequence[slice], z: slice, zscore: Sequence[bool]
+) -> tuple[list[float], list[float], list[float]]:
+    """Minimum of every channel of the cropped (not resampled) scan, and mean and std of the channels
+    flagged in ``zscore`` (others: 0 and 1), in one slab-wise pass over the scan."""
+    lo = [math.inf] * src.channels
+    total, total_sq, n = [0.0] * src.channels, [0.0] * src.channels, 0
+    for _, slab in src.slabs(inplane, z):
+        for c in range(src.channels):
+            lo[c] = min(lo[c], float(slab[c].min()))
+            if zscore[c]:
+                v = np.asarray(slab[c], np.float64)
+                total[c] += float(v.sum())
+                total_sq[c] += float((v * v).sum())
+        n += slab[0].size
+    means = [t / max(n, 1) for t in total]
+    stds = [
+        math.sqrt(max(q / max(n, 1) - m * m, 0.0)) if zs else 1.0
+        for q, m, zs in zip(total_sq, means, zscore, strict=True)
+    ]
+    return lo, means, stds
+
+
+def fixed_normalization(norm: ChannelNorm, mean: float, std: float) -> ChannelNorm:
+    """A per-image z-score turned into a fixed affine map with the image's ``mean`` and ``std``
+    (:func:`channel_stats` of the cropped, not resampled, channel); CT normalisation is returned
+    unchanged.
+
+    Lazy preprocessing needs the statistics before the first slab is made. Linear resampling
+    preserves the mean to within interpolation error, so this matches training's z-score of the
+    resampled image to a few 1e-4.
+    """
+    if norm.scheme == "ct":
+        return norm
+    return ChannelNorm("ct", -math.inf, math.inf, mean, std)
+
+
+class LazyInput:
+    """The preprocessed (resampled, normalised, padded) image, produced slab by slab on demand.
+
+    Rows (slices along the last axis, in padded coordinates) must be requested in non-decreasing
+    order of their start; rows before the latest request's start are dropped.
+    """
+
+    def __init__(
+        self, src: CanonicalSlabs, layout: Layout, norms: Sequence[ChannelNorm], cval: float
+    ) -> None:
+        self.src, self.layout, self.norms, self.cval = src, layout, list(norms), float(cval)
+        self.inplane_padded = layout.padded_shape[:-1]
+        self.buf = np.empty((0, src.channels, *self.inplane_padded), np.float32)
+        self.b0 = 0
+
+    def rows(self, p0: int, p1: int) -> np.ndarray:
+        """Padded rows ``p0:p1`` as ``(p1 - p0, C, *inplane_padded)`` float32."""
+        if p0 < self.b0:
+            raise AssertionError(f"rows {p0}:{p1} requested after rows from {self.b0} were dropped")
+        b1 = self.b0 + len(self.buf)
+        keep = self.buf[max(0, p0 - self.b0) :]
+        if p1 > b1:
+            keep = np.concatenate([keep, self.make(max(b1, p0), p1)])
+        self.buf, self.b0 = keep, max(p0, self.b0)
+        return self.buf[p0 - self.b0 : p1 - self.b0]
+
+    def make(self, p0: int, p1: int) -> np.ndarray:
+        """Padded rows ``p0:p1``, made afresh (nothing is kept)."""
+        lay = self.layout
+        before = lay.pad[-1][0]
+        z_res = lay.resampled_shape[-1]
+        out = np.full((p1 - p0, self.src.channels, *self.inplane_padded), self.cval, np.float32)
+        r0, r1 = max(p0 - before, 0), min(p1 - before, z_res)
+        if r1 <= r0:
+            return out
+        i0, i1, lam = linear_taps(z_res, lay.crop_shape[-1], r0, r1)
+        lo, hi = int(i0.min()), int(i1.max()) + 1
+        c0 = lay.crop[-1].start
+        raw = zfirst(self.src.slab(c0 + lo, c0 + hi, lay.crop[:-1]))  # (n, C, *inplane_crop), source dtype
+        x = zinterp(raw, i0 - lo, i1 - lo, lam)
+        x = resize_inplane(x, lay.resampled_shape[:-1])
+        for c, norm in enumerate(self.norms):
+            x[:, c] = norm.apply(x[:, c])
+        inner = tuple(
+            slice(a, a + n) for (a, _), n in zip(lay.pad[:-1], lay.resampled_shape[:-1], strict=True)
+        )
+        out[(slice(r0 + before - p0, r1 + before - p0), slice(None), *inner)] = x
+        return out
+
+
+@dataclass
+class Preprocessing:
+    """One scan under a plan: the grids it passes through, slab access to its voxels, and the
+    normalisation fixed for it. :meth:`lazy` is what the prediction engine reads; :meth:`array` is the
+    same rows made whole, what the training cache stores.
+    """
+
+    layout: Layout
+    source: CanonicalSlabs
+    norms: tuple[ChannelNorm, ...]
+    pad_value: float
+
+    @classmethod
+    def of(cls, image: Any, plan: Plan) -> Preprocessing:
+        """Check ``image`` against the model, find its body box and fix its normalisation (one slab-wise
+        pass over the scan). ``image`` is a :class:`~medseg.types.Volume` or a slab reader.
+
+        Raises:
+            DataError: An image the model cannot take (:func:`check_input`).
+        """
+        check_input(image, plan)
+        layout, src = plan_layout(image, plan)
+        zscore = [n.scheme != "ct" for n in plan.normalization]
+        lowest, means, stds = channel_stats(src, layout.crop[:-1], layout.crop[-1], zscore)
+        norms = tuple(fixed_normalization(*a) for a in zip(plan.normalization, means, stds, strict=True))
+        pad = min(float(n.apply(np.array([lo], np.float32))[0]) for lo, n in zip(lowest, norms, strict=True))
+        return cls(layout, src, norms, pad)
+
+    def lazy(self) -> LazyInput:
+        """The padded, resampled, normalised image, made row by row on demand."""
+        return LazyInput(self.source, self.layout, self.norms, self.pad_value)
+
+    def array(self) -> np.ndarray:
+        """The whole resampled, normalised image ``(C, *resampled_shape)`` float32 (not padded): the
+        rows :meth:`lazy` gives, made in chunks of about :data:`SLAB_BYTES`."""
+        lay = replace(self.layout, pad=tuple((0, 0) for _ in self.layout.pad))
+        maker = LazyInput(self.source, lay, self.norms, self.pad_value)
+        n = lay.resampled_shape[-1]
+        out = np.empty((self.source.channels, *lay.resampled_shape), np.float32)
+        step = max(1, SLAB_BYTES // max(1, 4 * self.source.channels * math.prod(lay.resampled_shape[:-1])))
+        for z0 in range(0, n, step):
+            rows = maker.make(z0, min(n, z0 + step))  # (rows, C, *inplane)
+            out[..., z0 : z0 + len(rows)] = np.moveaxis(rows, 0, -1)
+        return out
 
 
 @dataclass
@@ -45,12 +375,10 @@ class PreprocessedCase:
 
     Attributes:
         image: ``(C, *spatial)`` float32, normalised.
-        label: softmax: ``(1, *spatial)`` uint8 class indices (0 background, i+1 = structure i);
+        label: softmax: ``(1, *spatial)`` uint8/uint16 class indices (0 background, i+1 = structure i);
             sigmoid: ``(S, *spatial)`` uint8 0/1 masks; ``None`` for unlabelled cases.
         weights: ``(1, *spatial)`` float16 border-weight map or ``None``.
-        props: JSON-able geometry: ``original_shape``, ``original_affine``, ``ornt``,
-            ``canonical_shape``, ``crop`` (start/stop per axis on the canonical grid),
-            ``resampled_shape``, ``affine`` (of the preprocessed grid), ``spacing_mm``.
+        props: JSON-able geometry (:meth:`Layout.props`) and ``spacing_mm``.
     """
 
     image: np.ndarray
@@ -69,72 +397,28 @@ def label_to_indices(label: np.ndarray, values: Sequence[int]) -> np.ndarray:
 
 
 def preprocess_volume(image: Volume, plan: Plan) -> tuple[np.ndarray, dict[str, Any]]:
-    """Preprocess an image only (the prediction path); returns the array and the geometry props."""
-    arr, _, _, props = _preprocess(image, None, plan)
-    return arr, props
+    """Preprocess an image only; returns the array and the geometry props."""
+    prep = Preprocessing.of(image, plan)
+    return prep.array(), {**prep.layout.props(), "spacing_mm": list(plan.target_spacing_mm)}
 
 
 def preprocess_case(image: Volume, label: Volume | None, plan: Plan) -> PreprocessedCase:
     """Preprocess an image and its label with the plan (labels resampled per class, not nearest)."""
-    arr, lab, weights, props = _preprocess(image, label, plan)
-    return PreprocessedCase(arr, lab, weights, props)
-
-
-def _preprocess(
-    image: Volume, label: Volume | None, plan: Plan
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, dict[str, Any]]:
-    if image.spatial_dims != plan.spatial_dims:
-        raise DataError(
-            f"{image.meta.get('source', 'image')}: {image.spatial_dims}D image, but the model is "
-            f"{plan.spatial_dims}D"
-        )
-    if image.num_channels != plan.in_channels:
-        raise DataError(
-            f"{image.meta.get('source', 'image')}: {image.num_channels} channels, the model expects "
-            f"{plan.in_channels}"
-        )
-    original_shape, original_affine = image.spatial_shape, image.affine.copy()
-    image, ornt = to_canonical(image)
-    lab_arr = None
+    prep = Preprocessing.of(image, plan)
+    lay = prep.layout
+    lab_arr = weights = None
     if label is not None:
-        label, _ = to_canonical(label)
-        lab_arr = label.array
-    canonical_shape = image.spatial_shape
-    arr = image.array
-    # crop to the body (CT): voxels above the threshold, with a small margin
-    box = tuple(slice(0, s) for s in canonical_shape)
-    if plan.crop_to_body and plan.body_threshold is not None:
-        body = arr[0] > plan.body_threshold
-        if body.any():
-            box = bbox_of(body, margin=BODY_MARGIN_VOXELS)
-    arr = arr[(slice(None), *box)]
-    affine = crop_affine(image.affine, box)
-    spacing = Volume(arr[:1], affine).spacing_mm
-    new_shape = resampled_shape(arr.shape[1:], spacing, plan.target_spacing_mm)
-    out = resample_image(arr.astype(np.float32, copy=False), new_shape)
-    out = np.stack([norm.apply(c) for norm, c in zip(plan.normalization, out, strict=True)])
-    new_affine = resampled_affine(affine, arr.shape[1:], new_shape)
-    weights = None
-    if lab_arr is not None:
-        lab_arr = lab_arr[(slice(None), *box)]
+        canonical, _ = to_canonical(label)
+        lab_arr = canonical.array[(slice(None), *lay.crop)]
         if plan.mode == "softmax":
             idx = label_to_indices(lab_arr, plan.label_values)
-            lab_arr = resample_labels(idx, new_shape, values=range(1, len(plan.label_values) + 1))
+            lab_arr = resample_labels(idx, lay.resampled_shape, values=range(1, len(plan.label_values) + 1))
             lab_arr = lab_arr.astype(np.uint8 if len(plan.label_values) < 256 else np.uint16)
         else:
-            lab_arr = resample_masks(lab_arr, new_shape)
+            lab_arr = resample_masks(lab_arr, lay.resampled_shape)
         weights = compute_weights(lab_arr, plan)
-    props = {
-        "original_shape": list(original_shape),
-        "original_affine": original_affine.tolist(),
-        "ornt": np.asarray(ornt).tolist(),
-        "canonical_shape": list(canonical_shape),
-        "crop": [[s.start, s.stop] for s in box],
-        "resampled_shape": list(new_shape),
-        "affine": new_affine.tolist(),
-        "spacing_mm": list(plan.target_spacing_mm),
-    }
-    return out.astype(np.float32, copy=False), lab_arr, weights, props
+    props = {**lay.props(), "spacing_mm": list(plan.target_spacing_mm)}
+    return PreprocessedCase(prep.array(), lab_arr, weights, props)
 
 
 def compute_weights(label: np.ndarray, plan: Plan) -> np.ndarray | None:
@@ -150,113 +434,3 @@ def compute_weights(label: np.ndarray, plan: Plan) -> np.ndarray | None:
     else:
         w = unet_border_weight_map_multichannel(label, **kwargs)
     return w[None].astype(np.float16)
-
-
-# --------------------------------------------------------------------------------------------
-# cache
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/medseg/preprocessed`` (``~/.cache/medseg/preprocessed``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "medseg" / "preprocessed"
-
-
-def _file_stamp(paths: Sequence[Path]) -> str:
-    parts = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file())
-            st = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-        else:
-            s = p.stat()
-            st = [(p.name, s.st_size, s.st_mtime_ns)]
-        parts.append([str(p.resolve()), st])
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
-
-
-@dataclass
-class CachedCase:
-    """Paths of one cached preprocessed case; arrays open memory-mapped."""
-
-    case_id: str
-    folder: Path
-
-    def image(self) -> np.ndarray:
-        return np.load(self.folder / f"{self.case_id}_image.npy", mmap_mode="r")
-
-    def label(self) -> np.ndarray | None:
-        p = self.folder / f"{self.case_id}_label.npy"
-        return np.load(p, mmap_mode="r") if p.exists() else None
-
-    def weights(self) -> np.ndarray | None:
-        p = self.folder / f"{self.case_id}_weights.npy"
-        return np.load(p, mmap_mode="r") if p.exists() else None
-
-    def locations(self, mode: str) -> dict[int, np.ndarray]:
-        """Voxel coordinates per present class (see :func:`~medseg.data.sampling.class_locations`),
-        stored at preprocessing time so training never scans a label volume; computed if missing."""
-        p = self.folder / f"{self.case_id}_locations.npz"
-        if p.exists():
-            with np.load(p) as z:
-                return {int(k): z[k] for k in z.files}
-        label = self.label()
-        if label is None:
-            return {}
-        from medseg.data.sampling import class_locations
-
-        return class_locations(label, mode)
-
-    def props(self) -> dict[str, Any]:
-        return json.loads((self.folder / f"{self.case_id}_props.json").read_text())
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with atomic_write(path) as tmp:
-        np.save(tmp, np.ascontiguousarray(arr))
-
-
-def cache_case(case: Any, plan: Plan, data_cfg: Any, cache_dir: Path) -> CachedCase:
-    """Preprocess ``case`` unless a valid cached copy exists; returns the cached case."""
-    from medseg.data.datasets import load_case
-
-    sources = [*case.images, *([case.label] if case.label else []), *case.masks.values()]
-    folder = Path(cache_dir) / plan.preprocess_key()
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = _file_stamp(sources)
-    cached = CachedCase(case.case_id, folder)
-    props_path = folder / f"{case.case_id}_props.json"
-    if props_path.exists():
-        try:
-            if json.loads(props_path.read_text()).get("source_stamp") == stamp:
-                return cached
-        except ValueError:
-            pass
-    image, label = load_case(case, data_cfg)
-    pre = preprocess_case(image, label, plan)
-    _save_npy(folder / f"{case.case_id}_image.npy", pre.image)
-    for name, arr in (("label", pre.label), ("weights", pre.weights)):
-        path = folder / f"{case.case_id}_{name}.npy"
-        if arr is not None:
-            _save_npy(path, arr)
-        elif path.exists():
-            path.unlink()
-    locations_path = folder / f"{case.case_id}_locations.npz"
-    if pre.label is not None:
-        from medseg.data.sampling import class_locations
-
-        locs = class_locations(pre.label, plan.mode)
-        with atomic_write(locations_path) as tmp:
-            np.savez(tmp, **{str(k): v for k, v in locs.items()})
-    elif locations_path.exists():
-        locations_path.unlink()
-    props = {
-        **pre.props,
-        "source_stamp": stamp,
-        "case_id": case.case_id,
-        "pad_value": float(pre.image[0].min()) if pre.image.size else 0.0,
-    }
-    with atomic_write(props_path) as tmp:  # written last: its presence marks a complete entry
-        tmp.write_text(json.dumps(props))
-    return cached

@@ -24,8 +24,9 @@ from typing import Any, Literal
 import numpy as np
 
 from medseg.data.plan import Plan
+from medseg.data.preprocess import check_input
 from medseg.errors import DataError
-from medseg.inference.engine import EngineOptions, EngineStats, ProbabilitySink, check_input
+from medseg.inference.engine import EngineOptions, EngineStats, ProbabilitySink
 from medseg.inference.postprocess import postprocess_label_map, postprocess_masks
 from medseg.inference.process import peak_rss_bytes
 from medseg.io._atomic import atomic_write
@@ -161,8 +162,8 @@ class ProbabilityWriter:
     """
 
     def __init__(self, out_dir: Path, case: str, image: Volume, plan: Plan) -> None:
+        from medseg.data.canonical import oriented_view
         from medseg.data.geometry import canonical_ornt
-        from medseg.inference.engine import oriented_view
 
         self.final = safe_join(out_dir, f"{case}_probabilities.npy")
         self.tmp = safe_join(out_dir, f".{case}_probabilities.tmp-{os.getpid()}.npy")

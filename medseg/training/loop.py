@@ -28,8 +28,8 @@ from torch import nn
 
 from medseg.config import Config, config_hash
 from medseg.data.augment import Augmenter
+from medseg.data.cache import CachedCase
 from medseg.data.plan import Plan
-from medseg.data.preprocess import CachedCase
 from medseg.data.sampling import sample_patch
 from medseg.errors import ConfigError, DataError
 from medseg.runtime.bundle import network_of
@@ -462,7 +462,7 @@ def _cache_cases(
     filesystem); then every process opens the finished entries."""
     from tqdm.auto import tqdm
 
-    from medseg.data.preprocess import cache_case, default_cache_dir
+    from medseg.data.cache import cache_case, default_cache_dir
 
     cache_dir = Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
     mine = cases[ctx.rank :: ctx.world_size]

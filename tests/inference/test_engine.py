@@ -9,28 +9,21 @@ import numpy as np
 import pytest
 import torch
 
+from medseg.data.canonical import CanonicalSlabs, canonical_grid, oriented_view
 from medseg.data.geometry import bbox_of
 from medseg.data.plan import ChannelNorm, Plan
-from medseg.data.preprocess import preprocess_volume
+from medseg.data.preprocess import body_box, linear_taps, preprocess_volume
 from medseg.errors import ConfigError
-from medseg.inference.engine import (
-    CanonicalSlabs,
-    EngineOptions,
-    EngineStats,
+from medseg.inference.engine import EngineOptions, EngineStats, estimate_memory, segment
+from medseg.inference.restore import restore_to_original
+from medseg.inference.sliding_window import sliding_window_logits
+from medseg.inference.tiling import (
+    NetworkRunner,
     RoiMap,
-    _Runner,
-    body_box,
-    canonical_grid,
-    estimate_memory,
-    linear_taps,
     lr_channel_permutation,
-    oriented_view,
-    restore_to_original,
-    segment,
     window_slices,
     window_starts,
 )
-from medseg.inference.sliding_window import sliding_window_logits
 from medseg.types import Volume
 
 
@@ -266,11 +259,11 @@ def test_tta_respects_left_right_pairs():
             return torch.cat([g, right, torch.zeros_like(g)], 1)
 
     x = np.random.default_rng(0).normal(size=(2, 1, 8, 8, 4)).astype(np.float32)
-    plain = _Runner(LRConsistent(), "cpu", plan, tta=False)(x)
-    tta = _Runner(LRConsistent(), "cpu", plan, tta=True)(x)
+    plain = NetworkRunner(LRConsistent(), "cpu", plan, tta=False)(x)
+    tta = NetworkRunner(LRConsistent(), "cpu", plan, tta=True)(x)
     np.testing.assert_allclose(tta, plain, atol=1e-5)
     unpaired = _plan("sigmoid")
-    wrong = _Runner(LRConsistent(), "cpu", unpaired, tta=True)(x)
+    wrong = NetworkRunner(LRConsistent(), "cpu", unpaired, tta=True)(x)
     assert np.abs(wrong - plain).max() > 0.1
     assert lr_channel_permutation(_plan("softmax", pairs=(("left", "right"),))) == [0, 2, 1, 3]
 

@@ -13,7 +13,7 @@ import pytest
 from medseg.data.geometry import resampled_shape
 from medseg.data.plan import ChannelNorm, Plan
 from medseg.data.preprocess import preprocess_case
-from medseg.inference.engine import restore_to_original
+from medseg.inference.restore import restore_to_original
 from medseg.types import Volume
 
 

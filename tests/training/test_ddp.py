@@ -135,9 +135,9 @@ def test_torchrun_two_processes_write_one_bundle_and_resume_in_one(
     ct: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, train_args: Any, metrics_rows: Any
 ) -> None:
     from medseg.config import load_config
+    from medseg.data.cache import CachedCase
     from medseg.data.datasets import load_dataset
     from medseg.data.plan import Plan
-    from medseg.data.preprocess import CachedCase
     from medseg.models.unet import create_model
     from medseg.training.loop import split_validation, validate
 

@@ -79,8 +79,8 @@ def test_train_two_epochs_writes_a_model_bundle(
         assert plan["mode"] == "sigmoid" and plan["spatial_dims"] == 2
         assert "left_clavicle" in structures
     # class locations for foreground sampling are stored with the preprocessed case
+    from medseg.data.cache import CachedCase
     from medseg.data.plan import Plan
-    from medseg.data.preprocess import CachedCase
     from medseg.data.sampling import class_locations
 
     folder = phantoms["cache"] / Plan.load(run / "plan.json").preprocess_key()
