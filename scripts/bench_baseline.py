@@ -53,7 +53,7 @@ Evaluation (not timed, identical for both)
     image size, thresholded at 0.5 and scored with Dice per structure against the original masks (NaN when
     both are empty; means skip NaN). For medseg the image goes through its own plan
     (``preprocess_volume``: orientation, resampling, normalisation) and a Gaussian-weighted sliding window
-    over the plan's patch size (``predict.overlap``, logits blended as in ``predict_preprocessed``). A 2D
+    over the plan's patch size (``predict.overlap``, MONAI's ``sliding_window_inference``). A 2D
     PNG's geometry is its pixel frame and 2D preprocessing neither reorients nor crops; the script checks
     that (``props['crop']`` covers the whole image) and raises otherwise. No post-processing for either.
 

@@ -117,17 +117,21 @@ def child(kind: str, run: Path, scan: Path, out: Path) -> dict:
     else:
         import numpy as np
         import torch
+        from monai.inferers import sliding_window_inference
 
         from medseg.data.preprocess import preprocess_volume
         from medseg.inference.restore import restore_to_original
-        from medseg.inference.sliding_window import sliding_window_logits
         from medseg.io import load_volume, save_label_map
         from medseg.runtime.bundle import load_bundle
 
         bundle = load_bundle(run, device="cpu")
         vol = load_volume(scan)
         arr, props = preprocess_volume(vol, bundle.plan)
-        logits = sliding_window_logits(bundle.model, arr, bundle.plan.patch_size, "cpu", overlap=0.5)
+        x = torch.from_numpy(arr)[None]
+        with torch.no_grad():  # MONAI's one-shot output: the whole (K, *spatial) float tensor in memory
+            logits = sliding_window_inference(
+                x, tuple(bundle.plan.patch_size), 2, bundle.model, overlap=0.5, mode="gaussian"
+            )[0]
         probs = torch.softmax(logits, 0).numpy()
         del logits
         lab = restore_to_original(probs, props, bundle.plan)

@@ -1,8 +1,10 @@
-"""The on-disk cache of preprocessed training cases.
+"""The on-disk cache of training cases.
 
 Preprocessing is done once per case and cached as ``.npy`` files that training memory-maps, keyed by
 a hash of the plan's preprocessing settings and of the source files (size and modification time), so
-training never decompresses NIfTI per sample and the cache is reused across runs.
+training never decompresses NIfTI per sample and the cache is reused across runs. Validation cases
+are also cached as read (:func:`cache_original`): validation predicts them on their own grids, as
+``medseg predict`` would, without decoding their files at every validation.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from medseg.data.plan import Plan
 from medseg.data.preprocess import preprocess_case
 from medseg.data.sampling import class_locations
 from medseg.io._atomic import atomic_write
+from medseg.types import Volume
 
-__all__ = ["CachedCase", "cache_case", "default_cache_dir"]
+__all__ = ["CachedCase", "OriginalCase", "cache_case", "cache_original", "default_cache_dir"]
 
 
 def default_cache_dir() -> Path:
@@ -125,3 +128,60 @@ def cache_case(case: Any, plan: Plan, data_cfg: Any, cache_dir: Path) -> CachedC
     with atomic_write(props_path) as tmp:  # written last: its presence marks a complete entry
         tmp.write_text(json.dumps(props))
     return cached
+
+
+@dataclass
+class OriginalCase:
+    """A case as :func:`~medseg.data.datasets.load_case` reads it (channels stacked, masks on the image
+    grid), stored on first use as memory-mapped ``.npy`` so that validation reads it without decoding
+    its files again. Made by :func:`cache_original`."""
+
+    case: Any
+    data_cfg: Any
+    folder: Path
+
+    @property
+    def case_id(self) -> str:
+        return str(self.case.case_id)
+
+    def _meta_path(self) -> Path:
+        return self.folder / f"{self.case_id}_meta.json"
+
+    def _store(self) -> None:
+        from medseg.data.datasets import load_case
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        image, label = load_case(self.case, self.data_cfg)
+        _save_npy(self.folder / f"{self.case_id}_image.npy", image.array)
+        if label is not None:
+            _save_npy(self.folder / f"{self.case_id}_label.npy", label.array)
+        keep = {k: v for k, v in image.meta.items() if isinstance(v, (str, int, float, bool, type(None)))}
+        with atomic_write(self._meta_path()) as tmp:  # written last: its presence marks a complete entry
+            tmp.write_text(json.dumps({"affine": image.affine.tolist(), "meta": keep}))
+
+    def _volume(self, name: str) -> Volume | None:
+        if not self._meta_path().exists():
+            self._store()
+        path = self.folder / f"{self.case_id}_{name}.npy"
+        if not path.exists():
+            return None
+        meta = json.loads(self._meta_path().read_text())
+        return Volume(np.load(path, mmap_mode="r"), np.asarray(meta["affine"]), meta["meta"])
+
+    def image(self) -> Volume:
+        vol = self._volume("image")
+        assert vol is not None
+        return vol
+
+    def label(self) -> Volume | None:
+        return self._volume("label")
+
+
+def cache_original(case: Any, data_cfg: Any, cache_dir: Path) -> OriginalCase:
+    """The cache entry of ``case`` as read with ``data_cfg``; its files are read (once) when the image
+    or label is first asked for, so a process touches only the cases it uses."""
+    sources = [*case.images, *([case.label] if case.label else []), *case.masks.values()]
+    # what load_case returns depends on the files and on how the config reads them
+    reading = [_file_stamp(sources), data_cfg.spatial_dims, data_cfg.mode, data_cfg.structure_names]
+    key = hashlib.sha256(json.dumps(reading).encode()).hexdigest()[:16]
+    return OriginalCase(case, data_cfg, Path(cache_dir) / "originals" / key)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from medseg.config import ModelConfig, PredictConfig, load_config
+from medseg.config import Config, ModelConfig, PredictConfig, load_config
 from medseg.data.plan import Plan
 from medseg.errors import DataError
 from medseg.models.spec import NetworkSpec
@@ -58,6 +58,15 @@ class PostProcessing:
     @property
     def active(self) -> bool:
         return bool(self.single) or self.min_component_mm3 > 0 or self.fill_holes
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> PostProcessing:
+        """A config's post-processing: ``data.single_component`` and the ``predict`` section."""
+        return cls(
+            single=frozenset(cfg.data.single_component),
+            min_component_mm3=cfg.predict.min_component_mm3,
+            fill_holes=cfg.predict.fill_holes,
+        )
 
 
 @dataclass
@@ -161,13 +170,7 @@ def run_settings(run_dir: Path, *, warn: bool = True) -> tuple[PostProcessing, P
             )
         return PostProcessing(), PredictConfig()
     cfg = load_config(path, resolve_paths=False)
-    p = cfg.predict
-    post = PostProcessing(
-        single=frozenset(cfg.data.single_component),
-        min_component_mm3=p.min_component_mm3,
-        fill_holes=p.fill_holes,
-    )
-    return post, p
+    return PostProcessing.from_config(cfg), cfg.predict
 
 
 def network_of(plan: Plan, checkpoint: dict[str, Any] | None, *, where: Path) -> NetworkSpec:

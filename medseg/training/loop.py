@@ -16,9 +16,7 @@ import logging
 import math
 import shutil
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +26,11 @@ from torch import nn
 
 from medseg.config import Config, config_hash
 from medseg.data.augment import Augmenter
-from medseg.data.cache import CachedCase
+from medseg.data.cache import CachedCase, cache_original, default_cache_dir
+from medseg.data.patches import PatchDataset, load_train_case, split_validation
 from medseg.data.plan import Plan
-from medseg.data.sampling import sample_patch
 from medseg.errors import ConfigError, DataError
+from medseg.inference.engine import EngineOptions
 from medseg.runtime.bundle import network_of
 from medseg.runtime.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medseg.runtime.device import amp_dtype, resolve_device
@@ -43,89 +42,9 @@ from medseg.training.distributed import (
     rank_seed,
 )
 from medseg.training.run_dir import MetricsCSV, plot_curves, write_bundle_files
+from medseg.training.validation import record_validation, validate, validation_bundle
 
 logger = logging.getLogger(__name__)
-
-CONTEXT_FACTOR = 1.25  # patches are cut larger and centre-cropped after rotation/scaling
-
-
-@dataclass
-class TrainCase:
-    """A cached case ready for sampling (arrays memory-mapped)."""
-
-    case_id: str
-    image: np.ndarray
-    label: np.ndarray
-    weights: np.ndarray | None
-    locations: dict[int, np.ndarray]
-    pad_value: float
-
-
-def _load_train_case(cc: CachedCase, mode: str) -> TrainCase:
-    label = cc.label()
-    if label is None:
-        raise DataError(f"case {cc.case_id}: training case has no label")
-    props = cc.props()
-    image = cc.image()
-    return TrainCase(
-        cc.case_id,
-        image,
-        label,
-        cc.weights(),
-        cc.locations(mode),
-        float(props.get("pad_value", float(np.min(image[0])))),
-    )
-
-
-class PatchDataset(torch.utils.data.Dataset):
-    """``iterations × batch_size`` augmented patches per epoch, each from its own seeded generator."""
-
-    def __init__(
-        self,
-        cases: Sequence[TrainCase],
-        plan: Plan,
-        *,
-        batch_size: int,
-        iterations: int,
-        seed: int,
-        foreground_fraction: float,
-        augmenter: Augmenter | None,
-    ) -> None:
-        self.cases, self.plan = list(cases), plan
-        self.batch_size, self.iterations, self.seed = batch_size, iterations, seed
-        self.foreground_fraction, self.augmenter = foreground_fraction, augmenter
-        self.epoch = 0
-        ctx = CONTEXT_FACTOR if augmenter is not None else 1.0
-        self.cut_size = tuple(int(math.ceil(p * ctx)) for p in plan.patch_size)
-
-    def __len__(self) -> int:
-        return self.iterations * self.batch_size
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        case = self.cases[int(rng.integers(len(self.cases)))]
-        force = bool(rng.random() < self.foreground_fraction)
-        p = sample_patch(
-            case.image,
-            case.label,
-            case.weights,
-            case.locations,
-            self.cut_size,
-            rng,
-            force_foreground=force,
-            pad_value=case.pad_value,
-        )
-        d: dict[str, Any] = {"image": p.image, "label": p.label, "weights": p.weights}
-        if self.augmenter is not None:
-            d = self.augmenter(d, seed=int(rng.integers(2**31)))
-        out = {
-            "image": torch.from_numpy(np.ascontiguousarray(d["image"], dtype=np.float32)),
-            "label": torch.from_numpy(np.ascontiguousarray(d["label"]).astype(np.int64)),
-        }
-        if d.get("weights") is not None:
-            out["weights"] = torch.from_numpy(np.ascontiguousarray(d["weights"], dtype=np.float32))
-        return out
-
 
 def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     """Learning-rate multiplier at the start of ``epoch`` (0-based): poly (power 0.9), cosine or constant."""
@@ -135,56 +54,6 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * t))
     return 1.0
-
-
-def split_validation(case_ids: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic train/validation split of the training cases (at least one validation case when
-    there are two or more cases; a single case is used for both, with a warning)."""
-    ids = sorted(case_ids)
-    if len(ids) < 2 or fraction <= 0:
-        if len(ids) < 2:
-            logger.warning("only %d training case(s): validating on the training data", len(ids))
-        return ids, ids if len(ids) < 2 else []
-    rng = np.random.default_rng(seed)
-    order = list(rng.permutation(len(ids)))
-    n_val = min(len(ids) - 1, max(1, round(fraction * len(ids))))
-    val = sorted(ids[i] for i in order[:n_val])
-    return [i for i in ids if i not in val], val
-
-
-def dice_per_structure(pred: np.ndarray, ref: np.ndarray, plan: Plan) -> list[float]:
-    """Dice per structure; NaN when both prediction and reference are empty.
-
-    softmax: ``pred``/``ref`` are ``(*spatial)`` class-index maps; sigmoid: ``(S, *spatial)`` masks.
-    """
-    from medseg.metrics.overlap import count_overlaps, count_overlaps_masks, dice
-
-    if plan.mode == "softmax":
-        counts = count_overlaps(pred, np.asarray(ref), range(1, len(plan.structure_names) + 1))
-    else:
-        counts = count_overlaps_masks(pred, np.asarray(ref))
-    return [dice(c) for c in counts.values()]
-
-
-@torch.no_grad()
-def predict_preprocessed(
-    model: nn.Module,
-    image: np.ndarray,
-    plan: Plan,
-    device: torch.device,
-    *,
-    overlap: float = 0.5,
-    batch_size: int = 2,
-) -> np.ndarray:
-    """Sliding-window labels on the preprocessed grid: argmax (softmax) or logit > 0 (sigmoid)."""
-    from medseg.inference.sliding_window import sliding_window_logits
-
-    logits = sliding_window_logits(
-        model, image, plan.patch_size, device, overlap=overlap, batch_size=batch_size
-    )
-    if plan.mode == "softmax":
-        return logits.argmax(0).numpy().astype(np.uint8)
-    return (logits > 0).numpy().astype(np.uint8)
 
 
 def _swap_pairs(plan: Plan) -> list[tuple[int, int]]:
@@ -247,8 +116,10 @@ def _train(cfg: Config, ctx: DistContext, run_dir: Path, *, resume: bool, progre
         else None
     )
 
-    cached = _cache_cases(ctx, [by_id[c] for c in sorted(set(train_ids) | set(val_ids))], plan, cfg, progress)
-    train_cases = [_load_train_case(cached[i], plan.mode) for i in train_ids]
+    cached = _cache_cases(ctx, [by_id[c] for c in train_ids], plan, cfg, progress)
+    train_cases = [load_train_case(cached[i], plan.mode) for i in train_ids]
+    val_cases = [cache_original(by_id[v], cfg.data, _cache_dir(cfg)) for v in val_ids]
+    val_opts = EngineOptions.from_config(cfg.predict)
 
     spec = network_of(plan, ck, where=run_dir)  # an old run resumed: derived once, with a warning
     net = create_network(spec, in_channels=plan.in_channels, out_channels=plan.out_channels).to(device)
@@ -334,10 +205,8 @@ def _train(cfg: Config, ctx: DistContext, run_dir: Path, *, resume: bool, progre
         val_text, improved = "", False
         if val_ids and ((epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs):
             ctx.broadcast_buffers(net)
-            per = validate(
-                net, [cached[v] for v in val_ids], plan, device, overlap=cfg.predict.overlap, ctx=ctx
-            )
-            mean, val_text = _record_validation(per, plan, row, writer, epoch + 1)
+            per = validate(validation_bundle(net, plan, cfg, device, run_dir), val_cases, val_opts, ctx=ctx)
+            mean, val_text = record_validation(per, plan, row, writer, epoch + 1)
             if np.isnan(mean):
                 pass  # nothing to compare (no structure in the validation cases or predictions)
             elif mean > best:
@@ -462,9 +331,9 @@ def _cache_cases(
     filesystem); then every process opens the finished entries."""
     from tqdm.auto import tqdm
 
-    from medseg.data.cache import cache_case, default_cache_dir
+    from medseg.data.cache import cache_case
 
-    cache_dir = Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
+    cache_dir = _cache_dir(cfg)
     mine = cases[ctx.rank :: ctx.world_size]
     built = {
         c.case_id: cache_case(c, plan, cfg.data, cache_dir)
@@ -478,6 +347,10 @@ def _cache_cases(
             cache_case(c, plan, cfg.data, cache_dir)
     ctx.barrier()
     return {c.case_id: cache_case(c, plan, cfg.data, cache_dir) for c in cases}
+
+
+def _cache_dir(cfg: Config) -> Path:
+    return Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
 
 
 def _restore_rng(ck: dict[str, Any], ctx: DistContext, batch_size: int) -> None:
@@ -543,63 +416,6 @@ def _train_epoch(
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     return float(np.mean(losses))
-
-
-def validate(
-    model: nn.Module,
-    cases: Sequence[CachedCase],
-    plan: Plan,
-    device: torch.device,
-    *,
-    overlap: float = 0.5,
-    ctx: DistContext | None = None,
-) -> np.ndarray:
-    """Mean Dice per structure over cached cases (sliding window on the preprocessed grid); NaN for a
-    structure absent from every case and every prediction.
-
-    Distributed (``ctx``): every process predicts its share of the cases (case k on rank k mod world
-    size) with the unwrapped ``model``; the per-case scores are gathered back in case order, so every
-    process returns the same array, equal to a single-process validation.
-    """
-    ctx = ctx or DistContext()
-    mine = {
-        k: dice_per_structure(
-            predict_preprocessed(model, cases[k].image(), plan, device, overlap=overlap),
-            _reference(cases[k], plan),
-            plan,
-        )
-        for k in range(ctx.rank, len(cases), ctx.world_size)
-    }
-    gathered: dict[int, list[float]] = {}
-    for part in ctx.all_gather_object(mine):
-        gathered.update(part)
-    scores = [gathered[k] for k in range(len(cases))]
-    arr = np.array(scores, dtype=float).reshape(len(scores), len(plan.structure_names))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: structure never present
-        return np.nanmean(arr, axis=0)
-
-
-def _reference(cc: CachedCase, plan: Plan) -> np.ndarray:
-    label = cc.label()
-    assert label is not None
-    return label[0] if plan.mode == "softmax" else label
-
-
-def _record_validation(
-    per: np.ndarray, plan: Plan, row: dict[str, Any], writer: Any, epoch: int
-) -> tuple[float, str]:
-    """Put per-structure Dice into the metrics row and TensorBoard; returns (mean, log text)."""
-    mean = float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
-    row["val_mean_dice"] = "" if np.isnan(mean) else round(mean, 6)
-    for name, v in zip(plan.structure_names, per, strict=True):
-        row[f"val_dice_{name}"] = "" if np.isnan(v) else round(float(v), 6)
-    if writer is not None:
-        writer.add_scalar("val/mean_dice", mean, epoch)
-        for name, v in zip(plan.structure_names, per, strict=True):
-            writer.add_scalar(f"val/dice_{name}", float(v), epoch)
-    pairs = ", ".join(f"{n} {v:.3f}" for n, v in zip(plan.structure_names, per, strict=True))
-    return mean, f"  val Dice {mean:.4f} ({pairs})"
 
 
 def _check_resumable(ck: dict[str, Any], cfg: Config, path: Path) -> None:

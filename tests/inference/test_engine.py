@@ -16,7 +16,6 @@ from medseg.data.preprocess import body_box, linear_taps, preprocess_volume
 from medseg.errors import ConfigError
 from medseg.inference.engine import EngineOptions, EngineStats, estimate_memory, segment
 from medseg.inference.restore import restore_to_original
-from medseg.inference.sliding_window import sliding_window_logits
 from medseg.inference.tiling import (
     NetworkRunner,
     RoiMap,
@@ -25,6 +24,28 @@ from medseg.inference.tiling import (
     window_starts,
 )
 from medseg.types import Volume
+
+
+def sliding_window_logits(model, image: np.ndarray, patch, device, *, overlap: float, batch_size: int):
+    """Reference: MONAI's sliding_window_inference (Gaussian blending, padded with the image minimum)
+    over a whole preprocessed ``(C, *spatial)`` image; ``(K, *spatial)`` logits."""
+    from monai.inferers import sliding_window_inference
+
+    x = torch.from_numpy(np.array(image, dtype=np.float32))[None]
+    with torch.no_grad():
+        out = sliding_window_inference(
+            x,
+            roi_size=tuple(patch),
+            sw_batch_size=batch_size,
+            predictor=model.eval(),
+            overlap=overlap,
+            mode="gaussian",
+            padding_mode="constant",
+            cval=float(x.min()),
+            sw_device=device,
+            device=torch.device("cpu"),
+        )
+    return out[0]
 
 
 def _plan(mode="softmax", *, spacing=(1.0, 1.0, 1.0), patch=(8, 8, 4), crop=False, dims=3, pairs=()) -> Plan:

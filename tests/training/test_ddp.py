@@ -135,11 +135,13 @@ def test_torchrun_two_processes_write_one_bundle_and_resume_in_one(
     ct: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, train_args: Any, metrics_rows: Any
 ) -> None:
     from medseg.config import load_config
-    from medseg.data.cache import CachedCase
+    from medseg.data.cache import cache_original
     from medseg.data.datasets import load_dataset
+    from medseg.data.patches import split_validation
     from medseg.data.plan import Plan
-    from medseg.models.unet import create_model
-    from medseg.training.loop import split_validation, validate
+    from medseg.inference.engine import EngineOptions
+    from medseg.models import create_network
+    from medseg.training.validation import validate, validation_bundle
 
     run = tmp_path / "run"
     out = _torchrun(
@@ -165,28 +167,22 @@ def test_torchrun_two_processes_write_one_bundle_and_resume_in_one(
     # the checkpoint is a plain model's state_dict (no DDP "module." prefix) and loads strictly
     cfg = load_config(run / "config.yaml")
     plan = Plan.load(run / "plan.json")
-    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ck["epoch"] == 2 and ck["world_size"] == 2 and len(ck["rng_ranks"]) == 2
     assert not any(k.startswith("module.") for k in ck["model"])
-    net = create_model(
-        cfg.model,
-        spatial_dims=plan.spatial_dims,
-        in_channels=plan.in_channels,
-        out_channels=plan.out_channels,
-        patch_size=plan.patch_size,
-        spacing_mm=plan.target_spacing_mm,
-    )
+    net = create_network(plan.network, in_channels=plan.in_channels, out_channels=plan.out_channels)
     net.load_state_dict(ck["model"])
     # both processes ended with exactly these weights
     assert f"DDP: model weights identical on all 2 processes ({params_digest(net)[:12]})" in log
 
     # distributed validation (one case per process, gathered) equals validating in one process
-    folder = ct["cache"] / plan.preprocess_key()
-    ids = [c.case_id for c in load_dataset(cfg.data).train_cases]
-    _, val = split_validation(ids, cfg.train.val_fraction, cfg.train.seed)
+    by_id = {c.case_id: c for c in load_dataset(cfg.data).train_cases}
+    _, val = split_validation(list(by_id), cfg.train.val_fraction, cfg.train.seed)
     assert len(val) == 2
-    per = validate(net, [CachedCase(v, folder) for v in val], plan, torch.device("cpu"))
-    assert float(rows[-1]["val_mean_dice"]) == pytest.approx(float(np.nanmean(per)), abs=1e-4)
+    cases = [cache_original(by_id[v], cfg.data, ct["cache"]) for v in val]
+    bundle = validation_bundle(net, plan, cfg, torch.device("cpu"), run)
+    per = validate(bundle, cases, EngineOptions.from_config(cfg.predict))
+    assert float(rows[-1]["val_mean_dice"]) == pytest.approx(float(np.nanmean(per)), abs=1e-6)
 
     # a checkpoint of the 2-process run resumes in a single process, saying the world size changed
     capsys.readouterr()
@@ -195,7 +191,7 @@ def test_torchrun_two_processes_write_one_bundle_and_resume_in_one(
     assert "written by 2 process(es) with 1" in err
     assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2", "3"]
     assert json.loads((run / "env.json").read_text())["world_size"] == 1
-    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ck["epoch"] == 3 and ck["world_size"] == 1 and "rng_ranks" not in ck
 
 
@@ -213,5 +209,5 @@ def test_single_process_run_resumes_under_torchrun(
     assert "written by 1 process(es) with 2" in out.stderr
     assert "DDP: model weights identical on all 2 processes" in out.stderr
     assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2"]
-    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ck["epoch"] == 2 and ck["world_size"] == 2

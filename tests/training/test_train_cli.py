@@ -87,7 +87,7 @@ def test_train_two_epochs_writes_a_model_bundle(
     cc = CachedCase(sorted(folder.glob("*_locations.npz"))[0].name.replace("_locations.npz", ""), folder)
     stored, fresh = cc.locations(plan["mode"]), class_locations(cc.label(), plan["mode"])
     assert sorted(stored) == sorted(fresh) and all(np.array_equal(stored[k], fresh[k]) for k in fresh)
-    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ck["epoch"] == 2 and set(ck) >= {"model", "optimizer", "scheduler", "scaler", "rng"}
 
 
