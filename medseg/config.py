@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from medseg.errors import ConfigError
+from medseg.labels import Mode
 from medseg.names import check_name
 
 __all__ = [
@@ -138,9 +139,9 @@ class DataConfig(Strict):
         return self
 
     @property
-    def mode(self) -> Literal["softmax", "sigmoid"]:
+    def mode(self) -> Mode:
         """``softmax`` for exclusive labels, ``sigmoid`` for overlapping structures."""
-        return "softmax" if self.labels is not None else "sigmoid"
+        return Mode.SOFTMAX if self.labels is not None else Mode.SIGMOID
 
     @property
     def structure_names(self) -> list[str]:

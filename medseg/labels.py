@@ -15,44 +15,124 @@ Without a source, structures are named ``label_<value>`` from the values present
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from medseg.errors import ConfigError
+import numpy as np
+
+from medseg.errors import ConfigError, DataError
 from medseg.names import check_label_name, check_name, spreadsheet_safe
 
 __all__ = [
-    "LabelSpec",
+    "LabelLayout",
+    "Mode",
     "check_label_name",
     "check_name",
-    "default_label_spec",
-    "load_label_spec",
+    "default_labels",
+    "label_dtype_for",
+    "load_labels",
     "spreadsheet_safe",
 ]
 
 
-@dataclass(frozen=True)
-class LabelSpec:
-    """Structure names of a label map (``mode='softmax'``: value -> name, background 0 excluded) or of
-    per-structure binary masks (``mode='sigmoid'``: names in order, ``values`` are 1-based positions)."""
+class Mode(StrEnum):
+    """How a model's outputs relate to its structures (the values are what configs and ``plan.json``
+    store)."""
 
-    mode: Literal["softmax", "sigmoid"]
+    SOFTMAX = "softmax"
+    """Exclusive classes: one label map, background + one channel per class, softmax, argmax."""
+    SIGMOID = "sigmoid"
+    """Overlapping structures: one binary mask and one sigmoid channel per structure, threshold."""
+
+
+def label_dtype_for(max_value: int) -> np.dtype:
+    """The one label dtype rule: uint8 when every value fits in 0..255, else uint16 (up to 65535).
+
+    Raises:
+        DataError: Values above 65535.
+    """
+    if max_value > 65535:
+        raise DataError(f"label values must be in 0..65535, found {max_value}")
+    return np.dtype(np.uint8 if max_value <= 255 else np.uint16)
+
+
+@dataclass(frozen=True)
+class LabelLayout:
+    """What a model's outputs, a label map or a mask folder mean: the mode, the structure names, their
+    label values and channel order, and the left/right pairs.
+
+    ``mode`` softmax: ``values`` are the label values (background 0 excluded) and channel ``k + 1`` is
+    structure ``k``; sigmoid: ``values`` are the 1-based positions and channel ``k`` is structure
+    ``k``. The plan owns the model's layout (:attr:`medseg.data.plan.Plan.labels`); ``--labels``
+    sources give one to evaluation and reports (:func:`load_labels`).
+    """
+
+    mode: Mode
     names: tuple[str, ...]
     values: tuple[int, ...]
     source: str = "default"
+    left_right_pairs: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Mode(self.mode))
+        object.__setattr__(self, "names", tuple(self.names))
+        object.__setattr__(self, "values", tuple(int(v) for v in self.values))
+        object.__setattr__(self, "left_right_pairs", tuple(tuple(p) for p in self.left_right_pairs))
         if len(self.names) != len(self.values):
             raise ValueError(f"{len(self.names)} names but {len(self.values)} values")
         dup = sorted({n for n in self.names if self.names.count(n) > 1})
         if dup:
             raise ConfigError(f"{self.source}: structure names repeat: {dup}")
-        if 0 in self.values and self.mode == "softmax":
+        if 0 in self.values and self.exclusive:
             raise ConfigError(f"{self.source}: label value 0 is background and cannot name a structure")
         for n in self.names:
             check_label_name(n, where=self.source)
+        unknown = sorted({n for pair in self.left_right_pairs for n in pair} - set(self.names))
+        if unknown:
+            raise ConfigError(f"{self.source}: left_right_pairs name unknown structures {unknown}")
+
+    @classmethod
+    def overlapping(cls, names: Sequence[str], **kw: Any) -> LabelLayout:
+        """A sigmoid layout of ``names`` (values are their 1-based positions)."""
+        return cls(Mode.SIGMOID, tuple(names), tuple(range(1, len(names) + 1)), **kw)
+
+    @property
+    def exclusive(self) -> bool:
+        """Exclusive classes (softmax) rather than overlapping structures (sigmoid)."""
+        return self.mode is Mode.SOFTMAX
+
+    @property
+    def out_channels(self) -> int:
+        """Network output channels: background + classes (softmax) or one per structure (sigmoid)."""
+        return len(self.names) + (1 if self.exclusive else 0)
+
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        """The name of each output channel, in channel order."""
+        return ("background", *self.names) if self.exclusive else self.names
+
+    def channel_of(self, name: str) -> int:
+        """The output channel of a structure."""
+        return self.names.index(name) + (1 if self.exclusive else 0)
+
+    def lr_channel_pairs(self) -> list[tuple[int, int]]:
+        """Output channels that mirroring the left-right axis swaps (``left_right_pairs``)."""
+        return [(self.channel_of(a), self.channel_of(b)) for a, b in self.left_right_pairs]
+
+    def lr_channel_permutation(self) -> list[int]:
+        """Output-channel order after mirroring the left-right axis: paired structures swap."""
+        perm = list(range(self.out_channels))
+        for a, b in self.lr_channel_pairs():
+            perm[a], perm[b] = b, a
+        return perm
+
+    @property
+    def dtype(self) -> np.dtype:
+        """dtype of this layout's label maps (:func:`label_dtype_for`; masks are 0/1, uint8)."""
+        return label_dtype_for(max(self.values, default=0) if self.exclusive else 1)
 
     def name_of(self, value: int) -> str:
         """The name of a label value (``label_<value>`` when unnamed)."""
@@ -63,13 +143,13 @@ class LabelSpec:
         return dict(zip(self.values, self.names, strict=True))
 
 
-def default_label_spec(values: Iterable[int]) -> LabelSpec:
+def default_labels(values: Iterable[int]) -> LabelLayout:
     """``label_<v>`` names for the nonzero values given (e.g. those present in a label map)."""
     vals = sorted({int(v) for v in values if int(v) != 0})
-    return LabelSpec("softmax", tuple(f"label_{v}" for v in vals), tuple(vals))
+    return LabelLayout(Mode.SOFTMAX, tuple(f"label_{v}" for v in vals), tuple(vals))
 
 
-def load_label_spec(source: str | Path) -> LabelSpec:
+def load_labels(source: str | Path) -> LabelLayout:
     """Read structure names from a run directory, config, ``dataset.json`` or JSON map (see module doc)."""
     text = str(source)
     key = None
@@ -110,26 +190,42 @@ def _read_json(path: Path) -> Any:
         raise ConfigError(f"--labels {path}: cannot read JSON ({exc})") from exc
 
 
-def _from_plan(path: Path) -> LabelSpec:
+def _from_plan(path: Path) -> LabelLayout:
     plan = _read_json(path)
-    names = tuple(plan["structure_names"])
-    if plan["mode"] == "softmax":
-        return LabelSpec("softmax", names, tuple(int(v) for v in plan["label_values"]), str(path))
-    return LabelSpec("sigmoid", names, tuple(range(1, len(names) + 1)), str(path))
+    try:
+        names = tuple(check_name(n, where=str(path)) for n in plan["structure_names"])
+        pairs = tuple(tuple(p) for p in plan.get("left_right_pairs", ()))
+        if Mode(plan["mode"]) is Mode.SOFTMAX:
+            values = tuple(int(v) for v in plan["label_values"])
+            return LabelLayout(Mode.SOFTMAX, names, values, str(path), pairs)
+        return LabelLayout.overlapping(names, source=str(path), left_right_pairs=pairs)
+    except (KeyError, TypeError, ValueError) as exc:  # ConfigError is a ValueError
+        raise ConfigError(f"--labels {path}: not a valid plan.json ({exc})") from exc
 
 
-def _from_config(path: Path) -> LabelSpec:
-    from medseg.config import load_config
+def _from_config(path: Path) -> LabelLayout:
+    """The ``data.labels`` / ``data.structures`` of a config file (read as YAML: the names are all that
+    is needed, and checked here as the config checks them)."""
+    import yaml
 
-    cfg = load_config(path, resolve_paths=False)
-    if cfg.data.labels is not None:
-        items = sorted(cfg.data.labels.items(), key=lambda kv: kv[1])
-        return LabelSpec("softmax", tuple(n for n, _ in items), tuple(v for _, v in items), str(path))
-    names = tuple(cfg.data.structures or ())
-    return LabelSpec("sigmoid", names, tuple(range(1, len(names) + 1)), str(path))
+    try:
+        data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
+    except (OSError, yaml.YAMLError, AttributeError) as exc:
+        raise ConfigError(f"--labels {path}: cannot read the config ({exc})") from exc
+    labels, structures = data.get("labels"), data.get("structures")
+    if isinstance(labels, Mapping) and labels:
+        items = sorted(((check_name(n, where=str(path)), int(v)) for n, v in labels.items()), key=_by_value)
+        return LabelLayout(Mode.SOFTMAX, tuple(n for n, _ in items), tuple(v for _, v in items), str(path))
+    if isinstance(structures, list) and structures:
+        return LabelLayout.overlapping([check_name(n, where=str(path)) for n in structures], source=str(path))
+    raise ConfigError(f"--labels {path}: the config has neither data.labels nor data.structures")
 
 
-def _from_mapping(data: Any, path: Path) -> LabelSpec:
+def _by_value(item: tuple[str, int]) -> int:
+    return item[1]
+
+
+def _from_mapping(data: Any, path: Path) -> LabelLayout:
     """``{"1": "liver"}`` or ``{"liver": 1}`` (background entries dropped) -> a softmax spec."""
     if not isinstance(data, Mapping) or not data:
         raise ConfigError(
@@ -147,7 +243,7 @@ def _from_mapping(data: Any, path: Path) -> LabelSpec:
         if value != 0:
             pairs[value] = name
     values = tuple(sorted(pairs))
-    return LabelSpec("softmax", tuple(pairs[v] for v in values), values, str(path))
+    return LabelLayout(Mode.SOFTMAX, tuple(pairs[v] for v in values), values, str(path))
 
 
 def _is_int(x: Any) -> bool:

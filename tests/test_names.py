@@ -14,7 +14,7 @@ from medseg.cli.main import main
 from medseg.config import load_config
 from medseg.errors import ConfigError, DataError
 from medseg.io import save_label_map, save_volume
-from medseg.labels import LabelSpec
+from medseg.labels import LabelLayout
 from medseg.names import check_label_name, check_name, safe_join, spreadsheet_safe
 from medseg.types import Volume
 
@@ -38,7 +38,7 @@ def test_display_names_allow_spaces_but_no_paths() -> None:
         with pytest.raises(ConfigError):
             check_label_name(bad)
     with pytest.raises(ConfigError, match="not allowed"):
-        LabelSpec("softmax", ("liver", "../../etc"), (1, 2))
+        LabelLayout("softmax", ("liver", "../../etc"), (1, 2))
 
 
 def test_config_refuses_structure_names_that_are_paths() -> None:

@@ -42,12 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medseg.io import load_volume
-    from medseg.labels import load_label_spec
+    from medseg.labels import load_labels
     from medseg.report import write_report
 
-    spec = load_label_spec(args.labels) if args.labels else None
+    spec = load_labels(args.labels) if args.labels else None
     if spec is None and args.model is not None and (args.model / "plan.json").is_file():
-        spec = load_label_spec(args.model)
+        spec = load_labels(args.model)
     image = load_volume(args.image, series_uid=args.series_uid)
     if args.mask.is_dir() and not _is_dicom_folder(args.mask):
         mask, spec = load_mask_folder(args.mask, spec)
@@ -74,7 +74,7 @@ def load_mask_folder(folder: Path, spec: Any) -> tuple[Any, Any]:
     import numpy as np
 
     from medseg.io import case_id, load_volume
-    from medseg.labels import LabelSpec
+    from medseg.labels import LabelLayout, Mode
     from medseg.report import align_mask
 
     files = {
@@ -85,8 +85,8 @@ def load_mask_folder(folder: Path, spec: Any) -> tuple[Any, Any]:
             raise DataError(
                 f"--mask {folder}: no mask files (.nii.gz, .nii, .nrrd, .mha, .png) in this folder"
             )
-        spec = LabelSpec("sigmoid", tuple(files), tuple(range(1, len(files) + 1)), str(folder))
-    elif spec.mode != "sigmoid":
+        spec = LabelLayout.overlapping(tuple(files), source=str(folder))
+    elif spec.mode != Mode.SIGMOID:
         raise DataError(
             f"--mask {folder} is a folder of per-structure masks, but --labels ({spec.source}) describes an "
             "exclusive label map; pass the label map file as --mask, or labels of per-structure masks."

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from medseg.labels import Mode
+
 
 class _MirrorLR:
     """Flip along spatial axis 0 (the left-right axis of the canonical RAS grid, image columns in 2D)
@@ -34,7 +36,7 @@ class _MirrorLR:
                 out[key] = np.ascontiguousarray(np.flip(out[key], axis=1))
         if self.pairs:
             lab = out["label"]
-            if self.mode == "softmax":
+            if self.mode == Mode.SOFTMAX:
                 lut = np.arange(max(int(lab.max()) + 1, 1 + max(max(p) for p in self.pairs)), dtype=lab.dtype)
                 for a, b in self.pairs:
                     lut[a], lut[b] = b, a

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from medseg.errors import DataError
+from medseg.labels import Mode
 from medseg.types import Volume, same_physical_grid
 
 if TYPE_CHECKING:
@@ -994,7 +995,7 @@ def load_case(case: Case, data: DataConfig | None = None) -> tuple[Volume, Volum
             f"case {case.case_id}: {case.images[0]}: image is {image.spatial_dims}D with shape "
             f"{image.spatial_shape} but data.spatial_dims is {data.spatial_dims}"
         )
-    sigmoid = data.mode == "sigmoid" if data is not None else (case.label is None and bool(case.masks))
+    sigmoid = data.mode == Mode.SIGMOID if data is not None else (case.label is None and bool(case.masks))
     if sigmoid:
         if not case.masks and case.label is not None:
             raise DataError(

@@ -35,6 +35,7 @@ import numpy as np
 from medseg.config import Config
 from medseg.errors import ConfigError, DataError
 from medseg.io._atomic import atomic_write
+from medseg.labels import LabelLayout, Mode
 from medseg.models.spec import NetworkSpec
 from medseg.names import check_name
 from medseg.units import GB, format_bytes
@@ -74,7 +75,7 @@ class Plan:
 
     spatial_dims: int
     modality: str
-    mode: Literal["softmax", "sigmoid"]
+    mode: Mode
     structure_names: tuple[str, ...]
     label_values: tuple[int, ...]
     in_channels: int
@@ -92,24 +93,28 @@ class Plan:
     version: int = PREPROCESS_VERSION
 
     def __post_init__(self) -> None:
+        if self.mode not in tuple(Mode):
+            raise ConfigError(f"plan: mode {self.mode!r} is neither 'softmax' nor 'sigmoid'")
+        object.__setattr__(self, "mode", Mode(self.mode))
         # a plan may come from another site's model folder: its names become output file names
         for name in self.structure_names:
             check_name(name, where="plan")
-        if self.mode not in ("softmax", "sigmoid"):
-            raise ConfigError(f"plan: mode {self.mode!r} is neither 'softmax' nor 'sigmoid'")
-        if self.mode == "softmax" and len(self.label_values) != len(self.structure_names):
+        if self.mode is Mode.SOFTMAX and len(self.label_values) != len(self.structure_names):
             raise ConfigError(
                 f"plan: {len(self.structure_names)} structure names but {len(self.label_values)} label values"
             )
-        known = set(self.structure_names)
-        unknown = sorted({n for pair in self.left_right_pairs for n in pair} - known)
-        if unknown:
-            raise ConfigError(f"plan: left_right_pairs name unknown structures {unknown}")
+        self.labels  # noqa: B018 - checks the left/right pairs
+
+    @property
+    def labels(self) -> LabelLayout:
+        """The model's label layout: mode, names, values, channel order and left/right pairs."""
+        values = self.label_values if self.mode is Mode.SOFTMAX else range(1, len(self.structure_names) + 1)
+        return LabelLayout(self.mode, self.structure_names, tuple(values), "plan", self.left_right_pairs)
 
     @property
     def out_channels(self) -> int:
         """Network output channels: background + classes (softmax) or one per structure (sigmoid)."""
-        return len(self.structure_names) + (1 if self.mode == "softmax" else 0)
+        return self.labels.out_channels
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -391,7 +396,7 @@ def make_plan(
             norms.append(ChannelNorm("ct", lo, hi, float(clipped.mean()), float(clipped.std())))
         else:
             norms.append(ChannelNorm("zscore"))
-    if data.mode == "softmax":
+    if data.mode is Mode.SOFTMAX:
         assert data.labels is not None
         names = tuple(data.structure_names)
         values = tuple(int(data.labels[n]) for n in names)

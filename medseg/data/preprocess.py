@@ -41,6 +41,7 @@ from medseg.data.geometry import (
 )
 from medseg.data.plan import ChannelNorm, Plan
 from medseg.errors import DataError
+from medseg.labels import Mode, label_dtype_for
 from medseg.types import Volume
 
 __all__ = [
@@ -390,7 +391,7 @@ class PreprocessedCase:
 def label_to_indices(label: np.ndarray, values: Sequence[int]) -> np.ndarray:
     """Map label values (e.g. AMOS ids) to class indices ``1..K`` in plan order; other values -> 0."""
     lut_size = max(int(label.max()) + 1 if label.size else 1, max(values, default=0) + 1)
-    lut = np.zeros(lut_size, dtype=np.uint8 if len(values) < 256 else np.uint16)
+    lut = np.zeros(lut_size, dtype=label_dtype_for(len(values)))
     for i, v in enumerate(values):
         lut[int(v)] = i + 1
     return lut[label.astype(np.int64, copy=False)]
@@ -410,10 +411,10 @@ def preprocess_case(image: Volume, label: Volume | None, plan: Plan) -> Preproce
     if label is not None:
         canonical, _ = to_canonical(label)
         lab_arr = canonical.array[(slice(None), *lay.crop)]
-        if plan.mode == "softmax":
+        if plan.mode == Mode.SOFTMAX:
             idx = label_to_indices(lab_arr, plan.label_values)
             lab_arr = resample_labels(idx, lay.resampled_shape, values=range(1, len(plan.label_values) + 1))
-            lab_arr = lab_arr.astype(np.uint8 if len(plan.label_values) < 256 else np.uint16)
+            lab_arr = lab_arr.astype(label_dtype_for(len(plan.label_values)))
         else:
             lab_arr = resample_masks(lab_arr, lay.resampled_shape)
         weights = compute_weights(lab_arr, plan)
@@ -429,7 +430,7 @@ def compute_weights(label: np.ndarray, plan: Plan) -> np.ndarray | None:
     from medseg.losses.weight_maps import unet_border_weight_map, unet_border_weight_map_multichannel
 
     kwargs = {"w0": float(bw["w0"]), "sigma_mm": float(bw["sigma_mm"]), "spacing_mm": plan.target_spacing_mm}
-    if plan.mode == "softmax":
+    if plan.mode == Mode.SOFTMAX:
         w = unet_border_weight_map(label[0], **kwargs)
     else:
         w = unet_border_weight_map_multichannel(label, **kwargs)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medseg.labels import Mode
+
 MAX_LOCATIONS_PER_CLASS = 10_000
 
 
@@ -25,7 +27,7 @@ def class_locations(label: np.ndarray, mode: str, *, seed: int = 0) -> dict[int,
     """
     rng = np.random.default_rng(seed)
     out: dict[int, np.ndarray] = {}
-    if mode == "softmax":
+    if mode == Mode.SOFTMAX:
         flat = np.asarray(label[0]).ravel()
         present = [int(v) for v in np.unique(flat) if v != 0]
         for v in present:

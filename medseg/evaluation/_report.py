@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from medseg.io._atomic import atomic_write
-from medseg.labels import LabelSpec
+from medseg.labels import LabelLayout
 from medseg.names import spreadsheet_safe
 
 COLUMNS = (
@@ -92,7 +92,7 @@ def build_summary(
     *,
     pred: Path,
     ref: Path,
-    spec: LabelSpec | None,
+    spec: LabelLayout | None,
     options: Any,
     missing: list[str],
     extra: list[str],
@@ -175,7 +175,6 @@ def write_boxplot(rows: list[dict[str, Any]], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
 
     values: dict[str, list[float]] = {}
     for r in rows:

@@ -34,7 +34,7 @@ import numpy as np
 from medseg.errors import ConfigError, DataError
 from medseg.evaluation._cases import CasePair, Grid, Side, match_cases, open_side
 from medseg.evaluation._report import COLUMNS, DISTANCE_COLUMNS, build_summary, write_outputs
-from medseg.labels import LabelSpec
+from medseg.labels import LabelLayout
 from medseg.metrics.distances import SurfaceMetrics
 from medseg.metrics.overlap import Counts
 
@@ -43,13 +43,12 @@ logger = logging.getLogger(__name__)
 __all__ = ["EvaluateOptions", "EvaluationResult", "evaluate", "evaluate_case", "COLUMNS", "DISTANCE_COLUMNS"]
 
 
-
 @dataclass(frozen=True)
 class EvaluateOptions:
     """Options of :func:`evaluate`.
 
     Attributes:
-        labels: Source of structure names for :func:`medseg.labels.load_label_spec` (run directory,
+        labels: Source of structure names for :func:`medseg.labels.load_labels` (run directory,
             config, ``dataset.json``, ``FILE.json[:KEY]``); None names them from the data.
         distances: Also compute HD95 (mm) and NSD.
         nsd_tolerance_mm: NSD tolerance in mm.
@@ -99,14 +98,14 @@ def evaluate(
             named), mask folders that lack structures.
         ConfigError: Invalid options, unreadable ``labels``, or an output folder inside an input.
     """
-    from medseg.labels import load_label_spec
+    from medseg.labels import load_labels
 
     options = options or EvaluateOptions()
     pred, ref, output = Path(pred), Path(ref), Path(output)
     if not (math.isfinite(options.nsd_tolerance_mm) and options.nsd_tolerance_mm >= 0):
         raise ConfigError(f"--nsd-tolerance-mm must be a number >= 0 (mm), got {options.nsd_tolerance_mm}")
     _check_output(output, pred, ref)
-    spec = load_label_spec(options.labels) if options.labels is not None else None
+    spec = load_labels(options.labels) if options.labels is not None else None
     pairs, extra = match_cases(pred, ref, allow_missing=options.allow_missing)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -155,7 +154,7 @@ def evaluate_case(
     pred: str | Path | None,
     ref: str | Path,
     *,
-    spec: LabelSpec | None = None,
+    spec: LabelLayout | None = None,
     options: EvaluateOptions | None = None,
     case: str | None = None,
 ) -> list[dict[str, Any]]:
@@ -183,7 +182,7 @@ def evaluate_case(
 
 
 def _evaluate_pair(
-    pair: CasePair, spec: LabelSpec | None, options: EvaluateOptions
+    pair: CasePair, spec: LabelLayout | None, options: EvaluateOptions
 ) -> tuple[list[dict[str, Any]], list[int], Grid]:
     ref_side, grid = open_side(pair.ref, None)
     if pair.pred is None:
@@ -204,7 +203,7 @@ def _label_map_rows(
     case: str,
     pred: np.ndarray,
     ref: np.ndarray,
-    spec: LabelSpec | None,
+    spec: LabelLayout | None,
     grid: Grid,
     options: EvaluateOptions,
 ) -> tuple[list[dict[str, Any]], list[int]]:
@@ -244,7 +243,7 @@ def _label_map_rows(
 
 
 def _mask_rows(
-    case: str, pred: Side, ref: Side, spec: LabelSpec | None, grid: Grid, options: EvaluateOptions
+    case: str, pred: Side, ref: Side, spec: LabelLayout | None, grid: Grid, options: EvaluateOptions
 ) -> list[dict[str, Any]]:
     """Structures of per-structure mask folders (on either side), one structure at a time."""
     from medseg.metrics import count_overlaps_masks, surface_metrics, touches_border
@@ -286,7 +285,7 @@ def _untranspose_sides(sides: list[str], ndim: int) -> list[str]:
     return sorted(mapped, key=lambda s: (AXIS_NAMES.index(s[0]), s.endswith("max")))
 
 
-def _mask_structures(pred: Side, ref: Side, spec: LabelSpec | None) -> tuple[list[str], list[int | None]]:
+def _mask_structures(pred: Side, ref: Side, spec: LabelLayout | None) -> tuple[list[str], list[int | None]]:
     """Structure names and label values when at least one side is a mask folder."""
     folders = [s for s in (pred, ref) if s.is_masks and not s.missing]
     values: list[int | None]

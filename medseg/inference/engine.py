@@ -50,6 +50,7 @@ from medseg.data.preprocess import Layout, LazyInput, Preprocessing, zfirst
 from medseg.errors import ConfigError
 from medseg.inference.restore import Finaliser, ProbabilitySink, Restorer, logit, new_output
 from medseg.inference.tiling import Accumulator, NetworkRunner, RoiMap, window_slices
+from medseg.labels import Mode
 from medseg.types import Volume
 
 __all__ = ["EngineOptions", "EngineStats", "ProbabilitySink", "coarse_pass", "estimate_memory", "segment"]
@@ -151,9 +152,9 @@ def coarse_pass(
         nonlocal run
         if batch:
             for (w, _), logits in zip(batch, runner(np.stack([x for _, x in batch])), strict=True):
-                hits = logits.argmax(0) if plan.mode == "softmax" else logits > cut
+                hits = logits.argmax(0) if plan.mode == Mode.SOFTMAX else logits > cut
                 for k, m in enumerate(maps):
-                    fg = hits == k + 1 if plan.mode == "softmax" else hits[k]
+                    fg = hits == k + 1 if plan.mode == Mode.SOFTMAX else hits[k]
                     if fg.any():
                         m.mark(w, fg)
             run += len(batch)
@@ -305,8 +306,8 @@ def estimate_memory(image: Volume, plan: Plan, opts: EngineOptions, *, params: i
     step = max(math.ceil(patch[-1] * (1 - opts.overlap)), 1)  # even steps are at most this
     cap = patch[-1] + step * max(1, opts.batch_size - 1)
     acc_item = 2 if opts.accumulator_dtype == "float16" else 4
-    n_out = 1 if plan.mode == "softmax" else len(plan.structure_names)
-    out_item = 2 if max(plan.label_values, default=0) > 255 else 1
+    n_out = 1 if plan.mode == Mode.SOFTMAX else len(plan.structure_names)
+    out_item = plan.labels.dtype.itemsize
     est = {
         "accumulator": cap * inplane * (k * acc_item + 4),
         "output": n_out * math.prod(image.spatial_shape) * out_item,

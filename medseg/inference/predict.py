@@ -30,6 +30,7 @@ from medseg.inference.engine import EngineOptions, EngineStats, ProbabilitySink
 from medseg.inference.postprocess import postprocess_label_map, postprocess_masks
 from medseg.inference.process import peak_rss_bytes
 from medseg.io._atomic import atomic_write
+from medseg.labels import Mode, label_dtype_for
 from medseg.names import safe_join
 from medseg.runtime.bundle import Bundle, load_bundle
 from medseg.types import Volume
@@ -70,7 +71,7 @@ def predict_volume(
     )
     plan = bundle.plan
     if pp.active:
-        if plan.mode == "softmax":
+        if plan.mode == Mode.SOFTMAX:
             labels = postprocess_label_map(
                 labels, plan.label_values, plan.structure_names, image.spacing_mm, pp
             )
@@ -93,7 +94,7 @@ def output_extension(path: Path, plan: Plan) -> str:
 
 def output_path(out_dir: Path, case: str, plan: Plan, ext: str) -> Path:
     """``<case><ext>`` (exclusive labels) or the folder ``<case>/`` of per-structure masks."""
-    return safe_join(out_dir, f"{case}{ext}" if plan.mode == "softmax" else case)
+    return safe_join(out_dir, f"{case}{ext}" if plan.mode == Mode.SOFTMAX else case)
 
 
 def write_prediction(pred: Volume, plan: Plan, out_dir: Path, case: str, *, ext: str) -> list[Path]:
@@ -104,7 +105,7 @@ def write_prediction(pred: Volume, plan: Plan, out_dir: Path, case: str, *, ext:
     """
     from medseg.io import save_label_map
 
-    if plan.mode == "softmax":
+    if plan.mode == Mode.SOFTMAX:
         return [save_label_map(pred, safe_join(out_dir, f"{case}{ext}"))]
     final = safe_join(out_dir, case)
     tmp = safe_join(out_dir, f".{case}.tmp-{os.getpid()}")
@@ -126,7 +127,7 @@ def combined_label_map(masks: np.ndarray) -> np.ndarray:
     lungs, are drawn over them). uint8 up to 255 structures, else uint16.
     """
     n = masks.shape[0]
-    out = np.zeros((1, *masks.shape[1:]), np.uint8 if n < 256 else np.uint16)
+    out = np.zeros((1, *masks.shape[1:]), label_dtype_for(n))
     for k in range(n):
         out[0][masks[k] > 0] = k + 1
     return out
@@ -172,14 +173,11 @@ class ProbabilityWriter:
         self.mm = np.lib.format.open_memmap(
             self.tmp, mode="w+", dtype=np.float16, shape=shape, fortran_order=True
         )
-        if plan.mode == "softmax":
+        if plan.mode == Mode.SOFTMAX:
             self.mm[0] = 1.0
         self.view = oriented_view(self.mm, canonical_ornt(image.affine, image.spatial_dims))
-        names = (
-            ["background", *plan.structure_names] if plan.mode == "softmax" else list(plan.structure_names)
-        )
         self.sidecar = {
-            "channels": names,
+            "channels": list(plan.labels.channel_names),
             "mode": plan.mode,
             "shape": list(shape),
             "affine": image.affine.tolist(),
@@ -345,7 +343,7 @@ def _expected_outputs(out_dir: Path, case: str, path: Path, plan: Plan, batch: B
         outs.append(safe_join(out_dir, f"{case}_report", "report.html"))
     if fmt in ("nifti", "both"):
         outs.append(output_path(out_dir, case, plan, output_extension(path, plan)))
-        if batch.combined_labels and plan.mode == "sigmoid":
+        if batch.combined_labels and plan.mode == Mode.SIGMOID:
             outs.append(safe_join(out_dir, f"{case}_labels{output_extension(path, plan)}"))
     if fmt in ("dicom-seg", "both"):
         outs.append(safe_join(out_dir, f"{case}_seg.dcm"))
@@ -423,7 +421,7 @@ def _predict_loaded(
         if batch.output_format in ("nifti", "both"):
             ext = output_extension(source, bundle.plan)
             files += write_prediction(pred, bundle.plan, out_dir, case, ext=ext)
-            if batch.combined_labels and bundle.plan.mode == "sigmoid":
+            if batch.combined_labels and bundle.plan.mode == Mode.SIGMOID:
                 files += write_combined_labels(pred, bundle.plan, out_dir, case, ext=ext)
         if batch.output_format in ("dicom-seg", "both"):
             files.append(_write_seg(pred, bundle, source, safe_join(out_dir, f"{case}_seg.dcm")))
@@ -458,17 +456,15 @@ def _write_seg(pred: Volume, bundle: Bundle, series_dir: Path, path: Path) -> Pa
     from medseg.io.dicom_seg import write_dicom_seg
 
     plan = bundle.plan
-    values = plan.label_values if plan.mode == "softmax" else None
+    values = plan.label_values if plan.mode == Mode.SOFTMAX else None
     return write_dicom_seg(pred, series_dir, path, names=plan.structure_names, values=values)
 
 
 def _write_report(image: Volume, pred: Volume, bundle: Bundle, out: Path) -> list[Path]:
-    from medseg.labels import LabelSpec
     from medseg.report import write_report
 
     plan = bundle.plan
-    values = plan.label_values if plan.mode == "softmax" else tuple(range(1, len(plan.structure_names) + 1))
-    spec = LabelSpec(plan.mode, tuple(plan.structure_names), tuple(values), str(bundle.path / "plan.json"))
+    spec = replace(plan.labels, source=str(bundle.path / "plan.json"))
     prov = bundle.provenance()
     provenance = {"run_dir": prov.pop("model"), **prov}
     return list(write_report(image, pred, out, spec=spec, provenance=provenance).values())
@@ -536,11 +532,11 @@ def predict_files(
     batch = batch or BatchOptions()
     out_dir = Path(out_dir)
     check_output_folder(out_dir, inputs, input_folders)
-    if batch.combined_labels and (bundle.plan.mode != "sigmoid" or batch.output_format == "dicom-seg"):
+    if batch.combined_labels and (bundle.plan.mode != Mode.SIGMOID or batch.output_format == "dicom-seg"):
         logger.warning(
             "--combined-labels: ignored (%s)",
             "the model's classes are exclusive: its label map is already combined"
-            if bundle.plan.mode != "sigmoid"
+            if bundle.plan.mode != Mode.SIGMOID
             else "it is written with --format nifti or both",
         )
     cases = group_inputs(inputs, bundle.plan.in_channels)

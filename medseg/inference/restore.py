@@ -16,6 +16,7 @@ from medseg.data.canonical import SLAB_BYTES, oriented_view
 from medseg.data.plan import Plan
 from medseg.data.preprocess import Layout, linear_taps, resize_inplane, zinterp
 from medseg.inference.tiling import Accumulator
+from medseg.labels import Mode
 
 __all__ = [
     "Finaliser",
@@ -54,7 +55,7 @@ class Restorer:
     ) -> None:
         self.layout, self.out, self.mode, self.threshold, self.sink = layout, out, plan.mode, threshold, sink
         self.space = space
-        self.lut = np.array([0, *plan.label_values], dtype=out.dtype) if plan.mode == "softmax" else None
+        self.lut = np.array([0, *plan.label_values], dtype=out.dtype) if plan.mode == Mode.SOFTMAX else None
         self.buf: np.ndarray | None = None
         self.q0 = 0  # resampled row of buf[0]
         self.next = 0  # next crop row to emit
@@ -101,7 +102,7 @@ class Restorer:
         logits = self.space == "logits"
         if self.sink is not None:
             self.sink((*inplane, slice(c0 + z0, c0 + z1)), _activate(values, self.mode) if logits else values)
-        if self.mode == "softmax":  # the argmax of the logits is the argmax of their softmax
+        if self.mode == Mode.SOFTMAX:  # the argmax of the logits is the argmax of their softmax
             lab = self.lut[_argmax_channels(values)]  # (n, *inplane)
             self.out[(0, *inplane, slice(c0 + z0, c0 + z1))] = np.moveaxis(lab, 0, -1)
         else:
@@ -132,10 +133,8 @@ def new_output(layout: Layout, plan: Plan) -> np.ndarray:
     Fortran order, as NIfTI stores voxels: slabs along the last axis are contiguous, and the writer
     needs no reordered copy of the label map.
     """
-    if plan.mode == "softmax":
-        dtype = np.uint16 if max(plan.label_values, default=0) > 255 else np.uint8
-        return np.zeros((1, *layout.original_shape), dtype, order="F")
-    return np.zeros((len(plan.structure_names), *layout.original_shape), np.uint8, order="F")
+    channels = 1 if plan.mode == Mode.SOFTMAX else len(plan.structure_names)
+    return np.zeros((channels, *layout.original_shape), plan.labels.dtype, order="F")
 
 
 def restore_to_original(
@@ -173,7 +172,7 @@ _EMPTY_LOGIT = 20.0
 def _activate(logits: np.ndarray, mode: str) -> np.ndarray:
     """Softmax (over axis 1) or sigmoid of ``(n, K, ...)`` logits, float32."""
     t = torch.from_numpy(np.ascontiguousarray(logits, np.float32))
-    return (torch.softmax(t, 1) if mode == "softmax" else torch.sigmoid(t)).numpy()
+    return (torch.softmax(t, 1) if mode == Mode.SOFTMAX else torch.sigmoid(t)).numpy()
 
 
 def blended(
@@ -188,12 +187,12 @@ def blended(
         if empty.any():
             low = min(-_EMPTY_LOGIT, logit(threshold) - _EMPTY_LOGIT)
             for k in range(logits.shape[1]):
-                logits[:, k][empty] = _EMPTY_LOGIT if (mode == "softmax" and k == 0) else low
+                logits[:, k][empty] = _EMPTY_LOGIT if (mode == Mode.SOFTMAX and k == 0) else low
         return logits
     probs = _activate(logits, mode)
     if empty.any():
         for k in range(probs.shape[1]):
-            probs[:, k][empty] = 1.0 if (mode == "softmax" and k == 0) else 0.0
+            probs[:, k][empty] = 1.0 if (mode == Mode.SOFTMAX and k == 0) else 0.0
     return probs
 
 

@@ -22,7 +22,6 @@ __all__ = [
     "Accumulator",
     "NetworkRunner",
     "RoiMap",
-    "lr_channel_permutation",
     "mirror_axes",
     "window_slices",
     "window_starts",
@@ -68,17 +67,6 @@ def mirror_axes(spatial_dims: int) -> list[tuple[int, ...]]:
     return [(), (0,)]
 
 
-def lr_channel_permutation(plan: Plan) -> list[int]:
-    """Output-channel order after mirroring the left-right axis: paired left/right structures swap."""
-    off = 1 if plan.mode == "softmax" else 0
-    perm = list(range(plan.out_channels))
-    names = list(plan.structure_names)
-    for a, b in plan.left_right_pairs:
-        ia, ib = names.index(a) + off, names.index(b) + off
-        perm[ia], perm[ib] = ib, ia
-    return perm
-
-
 class NetworkRunner:
     """Runs batches of windows through the network on its device (AMP on CUDA), with mirror TTA."""
 
@@ -86,7 +74,7 @@ class NetworkRunner:
         self.model, self.device = model, torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.flips = mirror_axes(plan.spatial_dims) if tta else [()]
-        self.perm = lr_channel_permutation(plan)
+        self.perm = plan.labels.lr_channel_permutation()
         self.amp_dtype = amp_dtype(self.device)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

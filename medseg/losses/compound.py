@@ -48,6 +48,7 @@ from torch import nn
 
 from medseg.config import LossConfig
 from medseg.errors import ConfigError, ShapeError
+from medseg.labels import Mode
 from medseg.losses.dice import soft_dice_loss
 from medseg.registry import Registry
 
@@ -61,8 +62,9 @@ __all__ = [
     "weighted_cross_entropy",
 ]
 
-LossMode = Literal["softmax", "sigmoid"]
-_MODES = ("softmax", "sigmoid")
+LossMode = Mode | Literal["softmax", "sigmoid"]
+"""A :class:`~medseg.labels.Mode` (its string value is accepted too)."""
+_MODES = tuple(Mode)
 
 # --------------------------------------------------------------------------------------------
 # input checks (shapes only: value checks such as "indices < C" would need a device sync)
@@ -264,7 +266,7 @@ def focal_loss(
         a = float(alpha)
     elif alpha is not None:
         a = torch.as_tensor(list(alpha), dtype=x.dtype, device=x.device)
-    if mode == "softmax":
+    if mode == Mode.SOFTMAX:
         idx = _index_target(target, logits, where)
         w = _weight_map(weight_map, logits, where, per_channel=False)
         onehot = torch.zeros_like(x).scatter_(1, idx, 1.0)
@@ -350,9 +352,9 @@ class SegmentationLoss(nn.Module):
         super().__init__()
         if mode not in _MODES:
             raise ConfigError(f"loss mode must be 'softmax' or 'sigmoid', got {mode!r}")
-        min_classes = 2 if mode == "softmax" else 1
+        min_classes = 2 if mode == Mode.SOFTMAX else 1
         if num_classes < min_classes:
-            what = "background + at least one class" if mode == "softmax" else "at least one structure"
+            what = "background + at least one class" if mode == Mode.SOFTMAX else "at least one structure"
             raise ConfigError(f"{mode} loss needs num_classes >= {min_classes} ({what}), got {num_classes}")
         weights = {"dice_weight": dice_weight, "ce_weight": ce_weight, "focal_weight": focal_weight}
         negative = {k: v for k, v in weights.items() if v < 0}
@@ -365,13 +367,13 @@ class SegmentationLoss(nn.Module):
         bad_ds = ds_weights is not None and (any(v < 0 for v in ds_weights) or sum(ds_weights) <= 0)
         if bad_ds:
             raise ConfigError(f"ds_weights must be non-negative with a positive sum, got {ds_weights}")
-        self.mode: LossMode = mode
+        self.mode = Mode(mode)
         self.num_classes = num_classes
         self.dice_weight = float(dice_weight)
         self.ce_weight = float(ce_weight)
         self.focal_weight = float(focal_weight)
         self.focal_gamma = float(focal_gamma)
-        self.include_background = include_background if mode == "softmax" else True
+        self.include_background = include_background if mode == Mode.SOFTMAX else True
         self.batch_dice = batch_dice
         self.squared = squared
         self.smooth = smooth
@@ -473,11 +475,11 @@ class SegmentationLoss(nn.Module):
         self, logits: torch.Tensor, target: torch.Tensor, weight_map: torch.Tensor | None, where: str
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check_channels(logits, where)
-        if self.mode == "softmax":
+        if self.mode == Mode.SOFTMAX:
             tgt = _index_target(target, logits, where)
         else:
             tgt = _binary_target(target, logits, where)
-        w = _weight_map(weight_map, logits, where, per_channel=self.mode == "sigmoid")
+        w = _weight_map(weight_map, logits, where, per_channel=self.mode == Mode.SIGMOID)
         return tgt, w
 
     def _check_channels(self, logits: torch.Tensor, where: str) -> None:
@@ -502,7 +504,7 @@ class SegmentationLoss(nn.Module):
         self._check_channels(logits, where)
         x = _as_float(logits)
         out: dict[str, torch.Tensor] = {}
-        if self.mode == "softmax":
+        if self.mode == Mode.SOFTMAX:
             if self.dice_weight > 0:
                 onehot = torch.zeros_like(x).scatter_(1, target, 1.0)
                 out["dice"] = self._dice(torch.softmax(x, dim=1), onehot)

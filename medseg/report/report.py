@@ -22,7 +22,7 @@ import numpy as np
 
 from medseg.errors import DataError
 from medseg.io._atomic import atomic_write
-from medseg.labels import LabelSpec, default_label_spec
+from medseg.labels import LabelLayout, Mode, default_labels
 from medseg.report.figures import RowLayers, is_ct, overview_png, render_figures
 from medseg.report.table import StructureTable, structure_table, table_csv
 from medseg.types import Volume, same_physical_grid
@@ -48,7 +48,7 @@ def write_report(
     mask: Volume,
     out_dir: Path,
     *,
-    spec: LabelSpec | None = None,
+    spec: LabelLayout | None = None,
     provenance: dict | None = None,
     pdf: bool = True,
 ) -> dict[str, Path]:
@@ -59,7 +59,7 @@ def write_report(
         mask: On the image's grid (see :func:`align_mask`): an exclusive label map ``(1, *spatial)``, or
             per-structure binary masks ``(S, *spatial)`` with ``spec.mode == 'sigmoid'``.
         out_dir: Output folder (created); must not be the folder of the image or of the mask.
-        spec: Structure names (:func:`medseg.labels.load_label_spec`); default ``label_<value>`` for the
+        spec: Structure names (:func:`medseg.labels.load_labels`); default ``label_<value>`` for the
             values present (label map) or ``structure_<k>`` (per-structure masks).
         provenance: Model provenance shown in the report, e.g. ``run_dir``, ``config_hash``,
             ``checkpoint``; ``medseg_version`` and ``created`` are filled in when absent.
@@ -207,15 +207,15 @@ def _document(
     }
 
 
-def _resolve_spec(spec: LabelSpec | None, mask: Volume) -> LabelSpec:
+def _resolve_spec(spec: LabelLayout | None, mask: Volume) -> LabelLayout:
     if spec is None:
         if mask.num_channels == 1:
             arr = mask.array
             values = np.unique(arr[arr != 0]) if arr.dtype != bool else [1]
-            return default_label_spec(int(v) for v in values)
+            return default_labels(int(v) for v in values)
         names = tuple(f"structure_{k}" for k in range(1, mask.num_channels + 1))
-        return LabelSpec("sigmoid", names, tuple(range(1, mask.num_channels + 1)))
-    if spec.mode == "softmax" and mask.num_channels != 1:
+        return LabelLayout.overlapping(names)
+    if spec.mode == Mode.SOFTMAX and mask.num_channels != 1:
         raise DataError(
             f"{_src(mask)}: {mask.num_channels} mask channels, but the label list ({spec.source}) describes "
             "an exclusive label map (one channel, one value per structure). Pass a label map, or labels for "
@@ -224,8 +224,8 @@ def _resolve_spec(spec: LabelSpec | None, mask: Volume) -> LabelSpec:
     return spec
 
 
-def _row_layers(mask: Volume, spec: LabelSpec, table: StructureTable) -> RowLayers:
-    if spec.mode == "softmax":
+def _row_layers(mask: Volume, spec: LabelLayout, table: StructureTable) -> RowLayers:
+    if spec.mode == Mode.SOFTMAX:
         labels = mask.array[0]
         values = [r.label for r in table.rows]
         lut = np.zeros((max(values) if values else 0) + 1, dtype=np.int32)

@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from medseg.errors import DataError
-from medseg.labels import LabelSpec
+from medseg.labels import LabelLayout, Mode
 from medseg.metrics.volume import AXIS_NAMES, touches_border, touches_border_labels, volume_ml
 from medseg.names import spreadsheet_safe
 from medseg.types import Volume
@@ -139,7 +139,7 @@ def anatomical_side(axis_side: str, affine: np.ndarray, spatial_dims: int = 3) -
     return _SIDE_WORDS[letter]
 
 
-def structure_table(image: Volume, mask: Volume, spec: LabelSpec) -> StructureTable:
+def structure_table(image: Volume, mask: Volume, spec: LabelLayout) -> StructureTable:
     """Measure every structure of `mask` on the grid of `image`.
 
     Args:
@@ -160,7 +160,7 @@ def structure_table(image: Volume, mask: Volume, spec: LabelSpec) -> StructureTa
     intensity = image.array[0]
     nd = image.spatial_dims
     spacing = image.spacing_mm
-    if spec.mode == "softmax":
+    if spec.mode == Mode.SOFTMAX:
         raw = _stats_label_map(mask.array[0], intensity, spec, mask.meta.get("source", "mask"))
     else:
         raw = _stats_channels(mask.array, intensity, spec, mask.meta.get("source", "mask"))
@@ -216,7 +216,7 @@ def table_csv(table: StructureTable) -> str:
 _Raw = tuple[str, int, int, float, float, list[str], tuple[int, ...], tuple[tuple[int, int], ...]]
 
 
-def _stats_label_map(labels: np.ndarray, intensity: np.ndarray, spec: LabelSpec, where: str) -> list[_Raw]:
+def _stats_label_map(labels: np.ndarray, intensity: np.ndarray, spec: LabelLayout, where: str) -> list[_Raw]:
     """One pass over a label map: counts, intensity sums (two passes for a stable std), boxes."""
     labels = _as_label_array(labels, where)
     present = [int(v) for v in np.unique(labels) if v != 0]
@@ -258,7 +258,7 @@ def _stats_label_map(labels: np.ndarray, intensity: np.ndarray, spec: LabelSpec,
     return out
 
 
-def _stats_channels(masks: np.ndarray, intensity: np.ndarray, spec: LabelSpec, where: str) -> list[_Raw]:
+def _stats_channels(masks: np.ndarray, intensity: np.ndarray, spec: LabelLayout, where: str) -> list[_Raw]:
     if masks.shape[0] != len(spec.names):
         raise DataError(
             f"{where}: {masks.shape[0]} mask channel(s) but the label spec ({spec.source}) names "

@@ -46,6 +46,7 @@ from medseg.training.validation import record_validation, validate, validation_b
 
 logger = logging.getLogger(__name__)
 
+
 def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     """Learning-rate multiplier at the start of ``epoch`` (0-based): poly (power 0.9), cosine or constant."""
     t = min(epoch / max(epochs, 1), 1.0)
@@ -54,12 +55,6 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * t))
     return 1.0
-
-
-def _swap_pairs(plan: Plan) -> list[tuple[int, int]]:
-    names = list(plan.structure_names)
-    off = 1 if plan.mode == "softmax" else 0
-    return [(names.index(a) + off, names.index(b) + off) for a, b in plan.left_right_pairs]
 
 
 def train(
@@ -160,7 +155,9 @@ def _train(cfg: Config, ctx: DistContext, run_dir: Path, *, resume: bool, progre
 
     writer = _tensorboard(run_dir) if ctx.is_main else None
     augmenter = (
-        Augmenter(plan.spatial_dims, plan.patch_size, plan.mode, _swap_pairs(plan)) if tc.augment else None
+        Augmenter(plan.spatial_dims, plan.patch_size, plan.mode, plan.labels.lr_channel_pairs())
+        if tc.augment
+        else None
     )
     ds = PatchDataset(
         train_cases,

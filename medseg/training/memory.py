@@ -57,6 +57,7 @@ from torch import nn
 
 from medseg.config import Config
 from medseg.errors import ConfigError
+from medseg.labels import Mode
 from medseg.losses.compound import create_loss
 from medseg.models.spec import NetworkSpec, required_divisor, resolve_strides
 from medseg.models.unet import create_network
@@ -137,7 +138,7 @@ class MemoryEstimate:
 
 def _out_channels(cfg: Config) -> int:
     n = len(cfg.data.structure_names)
-    return n + 1 if cfg.data.mode == "softmax" else n
+    return n + 1 if cfg.data.mode == Mode.SOFTMAX else n
 
 
 class TrainingMemory:
@@ -302,7 +303,7 @@ def _run_probe(
         return t
 
     x = torch.zeros((1, in_channels, *shape))
-    if cfg.data.mode == "softmax":
+    if cfg.data.mode == Mode.SOFTMAX:
         y = torch.zeros((1, 1, *shape), dtype=torch.int64)
     else:
         y = torch.zeros((1, out_channels, *shape), dtype=torch.int64)

@@ -25,6 +25,7 @@ from medseg.data.cache import OriginalCase
 from medseg.data.plan import Plan
 from medseg.inference.engine import EngineOptions
 from medseg.inference.predict import predict_volume
+from medseg.labels import Mode
 from medseg.metrics.overlap import count_overlaps, count_overlaps_masks, dice
 from medseg.runtime.bundle import Bundle, PostProcessing
 from medseg.training.distributed import DistContext
@@ -56,7 +57,7 @@ def case_dice(bundle: Bundle, case: OriginalCase, opts: EngineOptions) -> list[f
     pred = predict_volume(bundle, case.image(), opts).array
     ref = np.asarray(label.array).reshape(pred.shape)
     plan = bundle.plan
-    if plan.mode == "softmax":
+    if plan.mode == Mode.SOFTMAX:
         counts = count_overlaps(pred[0], ref[0], plan.label_values)
     else:
         counts = count_overlaps_masks(pred, ref)

@@ -293,9 +293,9 @@ def test_unexpected_labels_and_missing_masks(tmp_path: Path, folders: tuple[Path
 
 
 def _spec(path: Path):
-    from medseg.labels import load_label_spec
+    from medseg.labels import load_labels
 
-    return load_label_spec(path)
+    return load_labels(path)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -19,7 +19,6 @@ from medseg.inference.restore import restore_to_original
 from medseg.inference.tiling import (
     NetworkRunner,
     RoiMap,
-    lr_channel_permutation,
     window_slices,
     window_starts,
 )
@@ -286,7 +285,7 @@ def test_tta_respects_left_right_pairs():
     unpaired = _plan("sigmoid")
     wrong = NetworkRunner(LRConsistent(), "cpu", unpaired, tta=True)(x)
     assert np.abs(wrong - plain).max() > 0.1
-    assert lr_channel_permutation(_plan("softmax", pairs=(("left", "right"),))) == [0, 2, 1, 3]
+    assert _plan("softmax", pairs=(("left", "right"),)).labels.lr_channel_permutation() == [0, 2, 1, 3]
 
 
 def test_air_windows_are_skipped_without_changing_the_result():

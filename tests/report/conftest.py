@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medseg.labels import LabelSpec
+from medseg.labels import LabelLayout
 from medseg.types import Volume
 
 AFFINE = np.diag([1.0, 1.0, 2.5, 1.0])  # RAS, 1 x 1 x 2.5 mm
@@ -33,7 +33,7 @@ def phantom() -> tuple[Volume, Volume]:
     return Volume(img, AFFINE.copy(), dict(meta)), Volume(lab, AFFINE.copy(), {})
 
 
-SPEC = LabelSpec("softmax", ("liver", "spleen", "kidney"), (1, 2, 3), "test")
+SPEC = LabelLayout("softmax", ("liver", "spleen", "kidney"), (1, 2, 3), "test")
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def ph() -> tuple[Volume, Volume]:
 
 
 @pytest.fixture
-def spec() -> LabelSpec:
+def spec() -> LabelLayout:
     """liver = 1, spleen = 2, kidney = 3 (absent from the phantom)."""
     return SPEC
 

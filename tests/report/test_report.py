@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from medseg.errors import DataError
-from medseg.labels import LabelSpec
+from medseg.labels import LabelLayout
 from medseg.report import pseudonym, write_report
 from medseg.types import Volume
 
@@ -37,7 +37,7 @@ def _pdf_pages(path: Path) -> int:
     return len(re.findall(rb"/Type\s*/Page\b(?!s)", path.read_bytes()))
 
 
-def test_write_report_files_and_json(ph: tuple[Volume, Volume], spec: LabelSpec, tmp_path: Path) -> None:
+def test_write_report_files_and_json(ph: tuple[Volume, Volume], spec: LabelLayout, tmp_path: Path) -> None:
     img, lab = ph
     paths = write_report(
         img, lab, tmp_path / "out", spec=spec, provenance={"run_dir": "runs/a", "config_hash": "abc"}
@@ -57,7 +57,7 @@ def test_write_report_files_and_json(ph: tuple[Volume, Volume], spec: LabelSpec,
     assert not list((tmp_path / "out").glob(".*tmp*"))  # atomic writes leave no temporary file
 
 
-def test_html_is_self_contained(ph: tuple[Volume, Volume], spec: LabelSpec, tmp_path: Path) -> None:
+def test_html_is_self_contained(ph: tuple[Volume, Volume], spec: LabelLayout, tmp_path: Path) -> None:
     img, lab = ph
     html = write_report(img, lab, tmp_path / "out", spec=spec, pdf=False)["html"].read_text()
     assert not re.search(r"https?:|//[a-z0-9.-]+\.[a-z]{2,}/", html, re.IGNORECASE)  # no URL at all
@@ -79,7 +79,7 @@ def test_html_is_self_contained(ph: tuple[Volume, Volume], spec: LabelSpec, tmp_
     assert len(swatches) == 4 and swatches[:2] == swatches[2:]
 
 
-def test_pdf_has_pages(ph: tuple[Volume, Volume], spec: LabelSpec, tmp_path: Path) -> None:
+def test_pdf_has_pages(ph: tuple[Volume, Volume], spec: LabelLayout, tmp_path: Path) -> None:
     img, lab = ph
     pdf = write_report(img, lab, tmp_path / "out", spec=spec)["pdf"]
     assert pdf.read_bytes()[:5] == b"%PDF-"
@@ -106,7 +106,7 @@ def test_mask_on_another_grid_is_refused_naming_both_files(ph: tuple[Volume, Vol
 
 
 def test_mask_stored_in_another_axis_order_is_reordered(
-    ph: tuple[Volume, Volume], spec: LabelSpec, tmp_path: Path
+    ph: tuple[Volume, Volume], spec: LabelLayout, tmp_path: Path
 ) -> None:
     img, lab = ph
     # the same voxels stored LPS and z-first: flip x and y, move z to the front
@@ -136,7 +136,7 @@ def test_output_into_input_folder_is_refused(scan_files: dict[str, Path]) -> Non
 
 
 def test_dicom_input_gives_pseudonym_not_patient_id(
-    ph: tuple[Volume, Volume], spec: LabelSpec, tmp_path: Path
+    ph: tuple[Volume, Volume], spec: LabelLayout, tmp_path: Path
 ) -> None:
     from medseg.io import load_volume
     from medseg.io.dicom_write import write_dicom_series
@@ -287,7 +287,7 @@ def test_report_does_not_import_torch(scan_files: dict[str, Path], tmp_path: Pat
 
 
 def test_empty_mask_lists_everything_as_not_found(
-    ph: tuple[Volume, Volume], spec: LabelSpec, tmp_path: Path
+    ph: tuple[Volume, Volume], spec: LabelLayout, tmp_path: Path
 ) -> None:
     img, lab = ph
     paths = write_report(img, lab.with_array(np.zeros_like(lab.array)), tmp_path / "out", spec=spec)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medseg.labels import LabelSpec
+from medseg.labels import LabelLayout
 from medseg.report import write_report
 from medseg.types import Volume
 
@@ -53,7 +53,7 @@ def _chromium(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs it)")
 def test_report_renders_in_headless_chromium(
-    ph: tuple[Volume, Volume], spec: LabelSpec, tmp_path: Path
+    ph: tuple[Volume, Volume], spec: LabelLayout, tmp_path: Path
 ) -> None:
     from PIL import Image
 
