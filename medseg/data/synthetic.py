@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import DataError
+from medseg.io._atomic import write_text_atomic
 from medseg.types import Volume, orientation_code
 
 logger = logging.getLogger(__name__)
@@ -561,9 +561,7 @@ def make_ct_case(
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _prepare_out(out: Path, subdirs: tuple[str, ...], generator: str) -> None:

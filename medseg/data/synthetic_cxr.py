@@ -26,7 +26,6 @@ clavicles, blurred, with a smooth exposure gradient, noise and a random tone cur
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import numpy as np
 
 from medseg.data.synthetic import PHANTOM_VERSION, _prepare_out, _write_json, num_test_cases
 from medseg.errors import DataError
+from medseg.io._atomic import write_text_atomic
 from medseg.types import Volume
 
 logger = logging.getLogger(__name__)
@@ -273,9 +273,7 @@ def synth_chest_xray(
         logger.info("%s: %dx%d in %.2f s", cid, image.shape[1], image.shape[0], time.perf_counter() - t0)
 
     test_ids = ids[n_train:]
-    tmp = out / f".test.txt.tmp-{os.getpid()}"
-    tmp.write_text("".join(f"{c}\n" for c in test_ids))
-    os.replace(tmp, out / "test.txt")
+    write_text_atomic(out / "test.txt", "".join(f"{c}\n" for c in test_ids))
     dataset = {
         "name": "MedsegPhantomCXR",
         "description": (

@@ -1,4 +1,6 @@
-"""Atomic file writes: write to a temporary sibling with the same suffixes, then rename."""
+"""Atomic file writes, the one way medseg writes a file: write to a temporary sibling with the same
+suffixes, then rename it over the target, so a crash never leaves a half-written file under the final
+name (and a reader never sees one)."""
 
 from __future__ import annotations
 
@@ -17,17 +19,31 @@ def atomic_target(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
+def atomic_write(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path``, on error it is removed.
 
-    A crash therefore never leaves a half-written file under the final name.
+    ``fsync`` flushes the file to disk before the rename, where losing it to a power cut would lose
+    work (checkpoints); other outputs can be recreated and skip the cost.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_target(path)
     try:
         yield tmp
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)

@@ -18,7 +18,6 @@ values, which rebuilds arrays of numbers and calls nothing else, so converting i
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from medseg.errors import DataError
+from medseg.io._atomic import atomic_write
 
 __all__ = [
     "FORMAT_VERSION",
@@ -95,16 +95,8 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
     loaded back with ``weights_only=True``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save({**payload, "format_version": FORMAT_VERSION}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, fsync=True) as tmp:
+        torch.save({**payload, "format_version": FORMAT_VERSION}, tmp)
     return path
 
 

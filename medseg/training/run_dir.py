@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.config import Config, config_hash, config_to_yaml
-from medseg.io._atomic import atomic_write
+from medseg.io._atomic import atomic_write, write_text_atomic
 
 
 def new_run_dir(cfg: Config, base: str | Path = "runs") -> Path:
@@ -26,11 +26,6 @@ def new_run_dir(cfg: Config, base: str | Path = "runs") -> Path:
         path = Path(base) / f"{name}-{stamp}-{k}"
         k += 1
     return path
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(text)
 
 
 def git_commit() -> str | None:
