@@ -1,9 +1,9 @@
-"""The training loop: plan → cache → patches → model/loss → validation → run directory.
+"""The training loop: setup → network and optimiser → epochs → validation → run directory.
 
 :func:`train` is what ``medseg train`` calls. A run directory is a model bundle that ``medseg predict``
-uses as it is (DESIGN §7). Resuming (``resume=True``) restores model, optimiser, scheduler, AMP scaler,
-RNG states and the epoch; patches are drawn from generators seeded by ``(seed, epoch, index)``, so an
-epoch interrupted by SIGKILL is replayed identically after resuming.
+uses as it is. Resuming (``resume=True``) restores model, optimiser, scheduler, AMP scaler, RNG states
+and the epoch; patches are drawn from generators seeded by ``(seed, epoch, index)``, so an epoch
+interrupted by SIGKILL is replayed identically after resuming.
 
 Under ``torchrun`` the same function trains one DDP model in several processes; rank 0 writes the run
 directory. Batch, iteration, seed, validation and resume conventions: :mod:`medseg.training.distributed`
@@ -16,32 +16,28 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from medseg.config import Config, config_hash
 from medseg.data.augment import Augmenter
-from medseg.data.cache import CachedCase, cache_original, default_cache_dir
-from medseg.data.patches import PatchDataset, load_train_case, split_validation
+from medseg.data.patches import PatchDataset
 from medseg.data.plan import Plan
-from medseg.errors import ConfigError, DataError
+from medseg.errors import DataError
 from medseg.inference.engine import EngineOptions
+from medseg.losses.compound import create_loss
+from medseg.models.unet import create_network
 from medseg.runtime.bundle import network_of
-from medseg.runtime.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from medseg.runtime.device import amp_dtype, resolve_device
-from medseg.training.distributed import (
-    DistContext,
-    ddp_device,
-    distributed,
-    params_in_sync,
-    rank_seed,
-)
-from medseg.training.run_dir import MetricsCSV, plot_curves, write_bundle_files
+from medseg.runtime.checkpoint import rng_state, save_checkpoint
+from medseg.runtime.device import amp_dtype
+from medseg.training.distributed import DistContext, distributed, params_in_sync, rank_seed
+from medseg.training.run_dir import MetricsCSV, plot_curves
+from medseg.training.setup import Setup, prepare, restore_rng
 from medseg.training.validation import record_validation, validate, validation_bundle
 
 logger = logging.getLogger(__name__)
@@ -81,169 +77,169 @@ def train(
 
 
 def _train(cfg: Config, ctx: DistContext, run_dir: Path, *, resume: bool, progress: bool) -> Path:
-    from medseg.data.datasets import load_dataset
-    from medseg.losses.compound import create_loss
-    from medseg.models.unet import create_network
+    run = _Training(cfg, ctx, run_dir, prepare(cfg, ctx, run_dir, resume=resume, progress=progress))
+    for epoch in range(run.start_epoch, cfg.train.epochs):
+        row = run.train_epoch(epoch, progress=progress)
+        if run.end_epoch(epoch, row):
+            logger.info("early stopping: no improvement in %d validations", run.since_best)
+            break
+    if run.writer is not None:
+        run.writer.close()
+    _report_sync(run.net, ctx)
+    return run_dir
 
-    tc = cfg.train
-    device = ddp_device(tc.device, ctx.local_rank) if ctx.enabled else resolve_device(tc.device)
-    torch.manual_seed(rank_seed(tc.seed, ctx.rank))
-    ckpt_last = run_dir / "checkpoints" / "last.pt"
-    _check_run_dir(run_dir, resume, ctx)
 
-    ck = None
-    if resume:  # check before anything in the run directory is rewritten
-        ck = load_checkpoint(ckpt_last, map_location=device)
-        _check_resumable(ck, cfg, ckpt_last)
+class _Training:
+    """The state of one training run: network, loss, optimiser, schedule, scaler, best score."""
 
-    dataset = load_dataset(cfg.data)
-    train_ids, val_ids = split_validation([c.case_id for c in dataset.train_cases], tc.val_fraction, tc.seed)
-    if not train_ids:
-        raise DataError(f"{cfg.data.root}: no labelled training cases found (run `medseg data check`)")
-    by_id = {c.case_id: c for c in dataset.train_cases}
-
-    # the other processes wait for rank 0's plan instead of reading every image again
-    plan: Plan = ctx.broadcast_object(
-        _plan_and_bundle(
-            cfg, run_dir, [by_id[i] for i in train_ids], resume, device, ctx.world_size, progress
+    def __init__(self, cfg: Config, ctx: DistContext, run_dir: Path, setup: Setup) -> None:
+        tc = cfg.train
+        self.cfg, self.ctx, self.run_dir, self.setup = cfg, ctx, run_dir, setup
+        plan, device = setup.plan, setup.device
+        self.plan, self.device = plan, device
+        spec = network_of(plan, setup.checkpoint, where=run_dir)  # an old run resumed: derived once
+        self.net = create_network(spec, in_channels=plan.in_channels, out_channels=plan.out_channels).to(
+            device
         )
-        if ctx.is_main
-        else None
-    )
-
-    cached = _cache_cases(ctx, [by_id[c] for c in train_ids], plan, cfg, progress)
-    train_cases = [load_train_case(cached[i], plan.mode) for i in train_ids]
-    val_cases = [cache_original(by_id[v], cfg.data, _cache_dir(cfg)) for v in val_ids]
-    val_opts = EngineOptions.from_config(cfg.predict)
-
-    spec = network_of(plan, ck, where=run_dir)  # an old run resumed: derived once, with a warning
-    net = create_network(spec, in_channels=plan.in_channels, out_channels=plan.out_channels).to(device)
-    loss_fn = create_loss(cfg.loss, plan.mode, plan.out_channels).to(device)
-    if tc.optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(
-            net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay
+        self.loss_fn = create_loss(cfg.loss, plan.mode, plan.out_channels).to(device)
+        if tc.optimizer == "adamw":
+            self.opt: torch.optim.Optimizer = torch.optim.AdamW(
+                self.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay
+            )
+        else:
+            self.opt = torch.optim.SGD(
+                self.net.parameters(), lr=tc.lr, momentum=0.99, nesterov=True, weight_decay=tc.weight_decay
+            )
+        self.autocast_dtype = amp_dtype(device, enabled=tc.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
+        self.start_epoch, self.best, self.since_best = 0, -1.0, 0
+        if setup.checkpoint is not None:
+            self._resume(setup.checkpoint)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda e: lr_factor(tc.schedule, e, tc.epochs), last_epoch=self.start_epoch - 1
         )
-    else:
-        opt = torch.optim.SGD(
-            net.parameters(), lr=tc.lr, momentum=0.99, nesterov=True, weight_decay=tc.weight_decay
+        self.metrics = MetricsCSV(run_dir / "metrics.csv", plan.structure_names) if ctx.is_main else None
+        if self.metrics is not None:
+            self.metrics.truncate_after(self.start_epoch)
+        self.model = _wrap_ddp(self.net, ctx, device, tc.batch_size, tc.iterations_per_epoch)  # net is saved
+        self.writer = _tensorboard(run_dir) if ctx.is_main else None
+        pairs = plan.labels.lr_channel_pairs()
+        augmenter = Augmenter(plan.spatial_dims, plan.patch_size, plan.mode, pairs) if tc.augment else None
+        self.patches = PatchDataset(
+            setup.train_cases,
+            plan,
+            batch_size=tc.batch_size,
+            iterations=tc.iterations_per_epoch,
+            seed=rank_seed(tc.seed, ctx.rank),
+            foreground_fraction=tc.foreground_fraction,
+            augmenter=augmenter,
         )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(tc.schedule, e, tc.epochs))
-    autocast_dtype = amp_dtype(device, enabled=tc.amp)
-    use_amp = autocast_dtype is not None
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
+        self.val_opts = EngineOptions.from_config(cfg.predict)
 
-    metrics = MetricsCSV(run_dir / "metrics.csv", plan.structure_names) if ctx.is_main else None
-    start_epoch, best, since_best = 0, -1.0, 0
-    if ck is not None:
-        net.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+    def _resume(self, ck: dict[str, Any]) -> None:
+        tc = self.cfg.train
+        self.net.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
         if ck.get("scaler"):  # empty when the run was saved without fp16 scaling (e.g. on a CPU)
-            scaler.load_state_dict(ck["scaler"])
-        start_epoch, best = ck["epoch"], ck["best_metric"]
-        since_best = 0  # patience restarts: resuming (e.g. with more epochs) is a deliberate decision
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda e: lr_factor(tc.schedule, e, tc.epochs), last_epoch=start_epoch - 1
-        )
-        _restore_rng(ck, ctx, tc.batch_size)
-        logger.info("resumed %s at epoch %d/%d", run_dir, start_epoch, tc.epochs)
-        if start_epoch >= tc.epochs:
-            logger.info("run already finished %d epochs; raise train.epochs to extend it", start_epoch)
-    if metrics is not None:
-        metrics.truncate_after(start_epoch)
+            self.scaler.load_state_dict(ck["scaler"])
+        self.start_epoch, self.best = ck["epoch"], ck["best_metric"]
+        # since_best stays 0: resuming (e.g. with more epochs) is a deliberate decision, patience restarts
+        restore_rng(ck, self.ctx, tc.batch_size)
+        logger.info("resumed %s at epoch %d/%d", self.run_dir, self.start_epoch, tc.epochs)
+        if self.start_epoch >= tc.epochs:
+            logger.info("run already finished %d epochs; raise train.epochs to extend it", self.start_epoch)
 
-    model = _wrap_ddp(net, ctx, device, tc.batch_size, tc.iterations_per_epoch)  # `net` is saved
-
-    writer = _tensorboard(run_dir) if ctx.is_main else None
-    augmenter = (
-        Augmenter(plan.spatial_dims, plan.patch_size, plan.mode, plan.labels.lr_channel_pairs())
-        if tc.augment
-        else None
-    )
-    ds = PatchDataset(
-        train_cases,
-        plan,
-        batch_size=tc.batch_size,
-        iterations=tc.iterations_per_epoch,
-        seed=rank_seed(tc.seed, ctx.rank),
-        foreground_fraction=tc.foreground_fraction,
-        augmenter=augmenter,
-    )
-    for epoch in range(start_epoch, tc.epochs):
-        t0 = time.time()
-        ds.epoch = epoch
+    def train_epoch(self, epoch: int, *, progress: bool) -> dict[str, Any]:
+        """One epoch of training steps; the metrics row so far (epoch, loss, learning rate)."""
+        tc = self.cfg.train
+        self.t0 = time.time()
+        self.patches.epoch = epoch
         loader = torch.utils.data.DataLoader(
-            ds,
+            self.patches,
             batch_size=tc.batch_size,
             shuffle=False,
             num_workers=tc.num_workers,
-            pin_memory=device.type == "cuda",
+            pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
-        train_loss = _train_epoch(
-            model,
+        loss = _train_epoch(
+            self.model,
             loader,
-            loss_fn,
-            opt,
-            scaler,
-            device,
-            autocast_dtype or torch.float16,  # unused when use_amp is false
-            use_amp,
+            self.loss_fn,
+            self.opt,
+            self.scaler,
+            self.device,
+            self.autocast_dtype or torch.float16,  # unused when autocast is off
+            self.autocast_dtype is not None,
             tc.grad_clip,
             desc=f"epoch {epoch + 1}/{tc.epochs}",
             progress=progress,
         )
-        train_loss = ctx.mean(train_loss, device)
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": round(train_loss, 6),
-            "lr": opt.param_groups[0]["lr"],  # the rate this epoch trained with
-        }
-        sched.step()
+        loss = self.ctx.mean(loss, self.device)
+        row = {"epoch": epoch + 1, "train_loss": round(loss, 6), "lr": self.opt.param_groups[0]["lr"]}
+        self.sched.step()
+        return row
+
+    def end_epoch(self, epoch: int, row: dict[str, Any]) -> bool:
+        """Validate when due, write the checkpoints, metrics and curves (rank 0), log the epoch's line;
+        returns whether training stops early."""
+        tc, ctx = self.cfg.train, self.ctx
         val_text, improved = "", False
-        if val_ids and ((epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs):
-            ctx.broadcast_buffers(net)
-            per = validate(validation_bundle(net, plan, cfg, device, run_dir), val_cases, val_opts, ctx=ctx)
-            mean, val_text = record_validation(per, plan, row, writer, epoch + 1)
+        if self.setup.val_cases and ((epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs):
+            ctx.broadcast_buffers(self.net)
+            bundle = validation_bundle(self.net, self.plan, self.cfg, self.device, self.run_dir)
+            per = validate(bundle, self.setup.val_cases, self.val_opts, ctx=ctx)
+            mean, val_text = record_validation(per, self.plan, row, self.writer, epoch + 1)
             if np.isnan(mean):
                 pass  # nothing to compare (no structure in the validation cases or predictions)
-            elif mean > best:
-                best, since_best, improved = mean, 0, True
+            elif mean > self.best:
+                self.best, self.since_best, improved = mean, 0, True
             else:
-                since_best += 1
+                self.since_best += 1
         rng = ctx.all_gather_object(rng_state())  # every process's RNG states go into the checkpoints
-        row["seconds"] = round(time.time() - t0, 2)
+        row["seconds"] = round(time.time() - self.t0, 2)
         if ctx.is_main:
-            assert metrics is not None
-            state = _checkpoint(net, opt, sched, scaler, epoch + 1, best, since_best, cfg, plan, rng)
-            if improved:
-                save_checkpoint(run_dir / "checkpoints" / "best.pt", state)
-            if writer is not None:
-                writer.add_scalar("train/loss", train_loss, epoch + 1)
-                writer.add_scalar("train/lr", row["lr"], epoch + 1)
-                writer.flush()
-            metrics.append(row)
-            save_checkpoint(ckpt_last, state)
-            if not val_ids:  # nothing to select on: the latest model is the best one
-                shutil.copyfile(ckpt_last, run_dir / "checkpoints" / "best.pt")
-            plot_curves(metrics, run_dir / "curves.png", plan.structure_names)
+            self._save(epoch, row, rng, improved)
         logger.info(
             "epoch %d/%d  loss %.4f  lr %.2e  %.1fs%s",
             epoch + 1,
             tc.epochs,
-            train_loss,
+            row["train_loss"],
             row["lr"],
             row["seconds"],
             val_text,
         )
         # every process computed the same validation numbers; rank 0's decision is final all the same
-        stop = ctx.broadcast_object(tc.early_stopping is not None and since_best >= tc.early_stopping)
-        if stop:
-            logger.info("early stopping: no improvement in %d validations", since_best)
-            break
-    if writer is not None:
-        writer.close()
-    _report_sync(net, ctx)
-    return run_dir
+        return bool(
+            ctx.broadcast_object(tc.early_stopping is not None and self.since_best >= tc.early_stopping)
+        )
+
+    def _save(self, epoch: int, row: dict[str, Any], rng: list[dict[str, Any]], improved: bool) -> None:
+        assert self.metrics is not None
+        checkpoints = self.run_dir / "checkpoints"
+        state = _checkpoint(
+            self.net,
+            self.opt,
+            self.sched,
+            self.scaler,
+            epoch + 1,
+            self.best,
+            self.since_best,
+            self.cfg,
+            self.plan,
+            rng,
+        )
+        if improved:
+            save_checkpoint(checkpoints / "best.pt", state)
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", row["train_loss"], epoch + 1)
+            self.writer.add_scalar("train/lr", row["lr"], epoch + 1)
+            self.writer.flush()
+        self.metrics.append(row)
+        save_checkpoint(checkpoints / "last.pt", state)
+        if not self.setup.val_cases:  # nothing to select on: the latest model is the best one
+            shutil.copyfile(checkpoints / "last.pt", checkpoints / "best.pt")
+        plot_curves(self.metrics, self.run_dir / "curves.png", self.plan.structure_names)
 
 
 def _wrap_ddp(
@@ -264,50 +260,6 @@ def _wrap_ddp(
     return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
 
-def _check_run_dir(run_dir: Path, resume: bool, ctx: DistContext) -> None:
-    if resume and not (run_dir / "checkpoints" / "last.pt").exists():
-        raise DataError(
-            f"{run_dir}: nothing to resume (no checkpoints/last.pt); drop --resume to start a new run"
-            + (" (every process must see the run directory)" if ctx.enabled else "")
-        )
-    if not resume and (run_dir / "checkpoints" / "last.pt").exists():
-        raise DataError(
-            f"{run_dir} already holds a trained run; pass --resume to continue it or choose a new --run-dir"
-        )
-
-
-def _plan_and_bundle(
-    cfg: Config,
-    run_dir: Path,
-    cases: Sequence[Any],
-    resume: bool,
-    device: torch.device,
-    world_size: int,
-    progress: bool,
-) -> Plan:
-    """Rank 0: plan (or reload the run's plan when resuming), write config.yaml, env.json, plan.json."""
-    from medseg.data.plan import compute_fingerprint, make_plan
-    from medseg.training.memory import memory_estimator
-
-    plan_path = run_dir / "plan.json"
-    if resume and plan_path.exists():
-        plan = Plan.load(plan_path)
-    else:
-        logger.info("planning from %d training cases", len(cases))
-        fp = compute_fingerprint(cases, cfg.data, seed=cfg.train.seed, progress=progress)
-        plan = make_plan(cfg, fp, memory=memory_estimator(cfg), divisor=2 ** (len(cfg.model.channels) - 1))
-    write_bundle_files(run_dir, cfg, str(device), world_size=world_size)
-    plan.save(plan_path)
-    logger.info(
-        "plan: spacing %s mm, patch %s, %s with %d structures",
-        plan.target_spacing_mm,
-        plan.patch_size,
-        plan.mode,
-        len(plan.structure_names),
-    )
-    return plan
-
-
 def _report_sync(net: nn.Module, ctx: DistContext) -> None:
     """Log whether the DDP processes ended with bit-identical weights (they must)."""
     if not ctx.enabled:
@@ -317,61 +269,6 @@ def _report_sync(net: nn.Module, ctx: DistContext) -> None:
         logger.info("DDP: model weights identical on all %d processes (%s)", ctx.world_size, digests[0][:12])
     else:
         logger.error("DDP: model weights differ between processes: %s", [d[:12] for d in digests])
-
-
-def _cache_cases(
-    ctx: DistContext, cases: Sequence[Any], plan: Plan, cfg: Config, progress: bool
-) -> dict[str, CachedCase]:
-    """Preprocess ``cases`` into the cache (or find them there); no case is built by two processes at
-    once. Distributed: each process builds its share (case k on rank k mod world size); then the first
-    process of every node fills in what that node's cache lacks (nothing when the cache is on a shared
-    filesystem); then every process opens the finished entries."""
-    from tqdm.auto import tqdm
-
-    from medseg.data.cache import cache_case
-
-    cache_dir = _cache_dir(cfg)
-    mine = cases[ctx.rank :: ctx.world_size]
-    built = {
-        c.case_id: cache_case(c, plan, cfg.data, cache_dir)
-        for c in tqdm(mine, desc="preprocess", disable=not progress, leave=False)
-    }
-    if not ctx.enabled:
-        return built
-    ctx.barrier()
-    if ctx.local_rank == 0:
-        for c in cases:
-            cache_case(c, plan, cfg.data, cache_dir)
-    ctx.barrier()
-    return {c.case_id: cache_case(c, plan, cfg.data, cache_dir) for c in cases}
-
-
-def _cache_dir(cfg: Config) -> Path:
-    return Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
-
-
-def _restore_rng(ck: dict[str, Any], ctx: DistContext, batch_size: int) -> None:
-    """Restore this process's RNG states from a checkpoint.
-
-    Patches do not depend on these states (they are drawn from ``(seed, epoch, index)``); they matter for
-    anything that uses the global generators. With the world size the checkpoint was written with,
-    every rank gets its own saved state back; otherwise rank 0 gets rank 0's state and the other ranks
-    keep their fresh :func:`rank_seed` seeding.
-    """
-    saved_world = int(ck.get("world_size", 1))
-    states = ck.get("rng_ranks") or [ck["rng"]]
-    if saved_world != ctx.world_size and ctx.is_main:
-        logger.warning(
-            "resuming a checkpoint written by %d process(es) with %d: the batch per step changes from "
-            "%d to %d patches; rank 0 restores the saved RNG state%s",
-            saved_world,
-            ctx.world_size,
-            batch_size * saved_world,
-            batch_size * ctx.world_size,
-            ", the other ranks start from fresh per-rank seeds" if ctx.world_size > 1 else "",
-        )
-    if ctx.rank < len(states) and (saved_world == ctx.world_size or ctx.is_main):
-        set_rng_state(states[ctx.rank])
 
 
 def _train_epoch(
@@ -389,8 +286,6 @@ def _train_epoch(
     progress: bool,
 ) -> float:
     """One pass over the epoch's batches; returns the mean training loss."""
-    from tqdm.auto import tqdm
-
     model.train()
     losses = []
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
@@ -413,20 +308,6 @@ def _train_epoch(
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     return float(np.mean(losses))
-
-
-def _check_resumable(ck: dict[str, Any], cfg: Config, path: Path) -> None:
-    """Refuse to resume with a different network; warn when other settings changed."""
-    saved = ck.get("model_config")
-    now = cfg.model.model_dump(mode="json")
-    if saved is not None and saved != now:
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        raise ConfigError(
-            f"{path}: cannot resume: the model section changed ({', '.join(f'model.{k}' for k in diff)}: "
-            f"{[saved.get(k) for k in diff]} -> {[now.get(k) for k in diff]}); start a new --run-dir instead"
-        )
-    if ck.get("config_hash") and ck["config_hash"] != config_hash(cfg):
-        logger.warning("resuming with a changed config (hash %s -> %s)", ck["config_hash"], config_hash(cfg))
 
 
 def _float(out: Any) -> Any:
