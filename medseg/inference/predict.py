@@ -11,26 +11,44 @@ report), skip/overwrite, continue past failures, and the ``predict.json`` manife
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
+import platform
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import monai
+import nibabel
 import numpy as np
+import SimpleITK
+import torch
+from tqdm.auto import tqdm
 
+from medseg._version import __version__
+from medseg.data.datasets import squeeze_2d
 from medseg.data.plan import Plan
 from medseg.data.preprocess import check_input
 from medseg.errors import DataError
-from medseg.inference.engine import EngineOptions, EngineStats, ProbabilitySink
+from medseg.inference.engine import EngineOptions, EngineStats, ProbabilitySink, estimate_memory, segment
+from medseg.inference.manifest import Manifest
 from medseg.inference.postprocess import postprocess_label_map, postprocess_masks
-from medseg.inference.process import peak_rss_bytes
-from medseg.io._atomic import atomic_write
-from medseg.labels import Mode, label_dtype_for
+from medseg.inference.process import available_memory, peak_rss_bytes
+from medseg.inference.writers import (
+    ProbabilityWriter,
+    output_extension,
+    output_path,
+    write_combined_labels,
+    write_prediction,
+    write_report_of,
+    write_seg,
+)
+from medseg.io import case_id, load_volume
+from medseg.io._slabs import NotStreamable
+from medseg.io.dicom import DicomSlabs
+from medseg.io.nifti import NiftiSlabs, is_nifti
+from medseg.labels import Mode
 from medseg.names import safe_join
 from medseg.runtime.bundle import Bundle, load_bundle
 from medseg.types import Volume
@@ -56,8 +74,6 @@ def predict_volume(
     overrides the sigmoid threshold. A 2D model accepts 2D images and single-slice 3D files (nnU-Net
     stores 2D data as X x Y x 1); the output keeps the input's own shape either way.
     """
-    from medseg.data.datasets import squeeze_2d
-    from medseg.inference.engine import segment
 
     opts = opts or EngineOptions.from_config(bundle.predict)
     if threshold is not None:
@@ -82,124 +98,6 @@ def predict_volume(
     return Volume(labels, source.affine.copy(), {**meta, "prediction_of": source.meta.get("source")})
 
 
-def output_extension(path: Path, plan: Plan) -> str:
-    """``.png`` for 2D raster or DICOM-radiograph inputs of a 2D model, else ``.nii.gz``."""
-    from medseg.io import is_dicom_file
-    from medseg.io.image2d import is_raster
-
-    if plan.spatial_dims == 2 and (is_raster(path) or is_dicom_file(path)):
-        return ".png"
-    return ".nii.gz"
-
-
-def output_path(out_dir: Path, case: str, plan: Plan, ext: str) -> Path:
-    """``<case><ext>`` (exclusive labels) or the folder ``<case>/`` of per-structure masks."""
-    return safe_join(out_dir, f"{case}{ext}" if plan.mode == Mode.SOFTMAX else case)
-
-
-def write_prediction(pred: Volume, plan: Plan, out_dir: Path, case: str, *, ext: str) -> list[Path]:
-    """Write ``<case><ext>`` (exclusive labels) or ``<case>/<structure><ext>`` masks (overlapping).
-
-    The mask folder is written under a temporary name and renamed when complete, so an interrupted
-    run never leaves a half-written case that a later run would skip.
-    """
-    from medseg.io import save_label_map
-
-    if plan.mode == Mode.SOFTMAX:
-        return [save_label_map(pred, safe_join(out_dir, f"{case}{ext}"))]
-    final = safe_join(out_dir, case)
-    tmp = safe_join(out_dir, f".{case}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    scale = 255 if ext == ".png" else 1
-    for k, name in enumerate(plan.structure_names):
-        save_label_map(pred.with_array(pred.array[k : k + 1] * scale), safe_join(tmp, f"{name}{ext}"))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return [final / f"{name}{ext}" for name in plan.structure_names]
-
-
-def combined_label_map(masks: np.ndarray) -> np.ndarray:
-    """``(S, *shape)`` 0/1 masks of overlapping structures -> ``(1, *shape)`` label map.
-
-    Structure ``k`` (0-based, the run's structure order) gets value ``k + 1``; where structures
-    overlap, the one listed later wins (in the chest X-ray configs the clavicles, listed after the
-    lungs, are drawn over them). uint8 up to 255 structures, else uint16.
-    """
-    n = masks.shape[0]
-    out = np.zeros((1, *masks.shape[1:]), label_dtype_for(n))
-    for k in range(n):
-        out[0][masks[k] > 0] = k + 1
-    return out
-
-
-def write_combined_labels(pred: Volume, plan: Plan, out_dir: Path, case: str, *, ext: str) -> list[Path]:
-    """``<case>_labels<ext>`` (:func:`combined_label_map` of a sigmoid model's masks) and
-    ``<case>_labels.json`` naming the values and the overlap rule."""
-    from medseg.io import save_label_map
-
-    side = safe_join(out_dir, f"{case}_labels.json")
-    info = {
-        "labels": {str(k + 1): name for k, name in enumerate(plan.structure_names)},
-        "background": 0,
-        "overlap_rule": "where structures overlap, the one with the higher value (listed later) wins; the "
-        f"per-structure masks in {case}/ keep every overlap",
-    }
-    with atomic_write(side) as tmp:  # first: a case counts as done only once the label map exists
-        tmp.write_text(json.dumps(info, indent=2))
-    path = save_label_map(
-        pred.with_array(combined_label_map(pred.array)), safe_join(out_dir, f"{case}_labels{ext}")
-    )
-    return [path, side]
-
-
-class ProbabilityWriter:
-    """Writes the probabilities of one scan, float16 ``(K, *shape)`` in the input's storage order, to
-    ``<case>_probabilities.npy`` (a memory-mappable ``.npy``) as the engine finalises them, plus
-    ``<case>_probabilities.json`` (channel names, affine). Voxels outside the body crop are background.
-
-    NIfTI has no float16 type, hence ``.npy``; it is written under a temporary name and renamed by
-    :meth:`close`, so a crash never leaves a file that looks complete.
-    """
-
-    def __init__(self, out_dir: Path, case: str, image: Volume, plan: Plan) -> None:
-        from medseg.data.canonical import oriented_view
-        from medseg.data.geometry import canonical_ornt
-
-        self.final = safe_join(out_dir, f"{case}_probabilities.npy")
-        self.tmp = safe_join(out_dir, f".{case}_probabilities.tmp-{os.getpid()}.npy")
-        shape = (plan.out_channels, *image.spatial_shape)
-        # Fortran order: slabs along the last axis are contiguous in the file, as the engine writes them
-        self.mm = np.lib.format.open_memmap(
-            self.tmp, mode="w+", dtype=np.float16, shape=shape, fortran_order=True
-        )
-        if plan.mode == Mode.SOFTMAX:
-            self.mm[0] = 1.0
-        self.view = oriented_view(self.mm, canonical_ornt(image.affine, image.spatial_dims))
-        self.sidecar = {
-            "channels": list(plan.labels.channel_names),
-            "mode": plan.mode,
-            "shape": list(shape),
-            "affine": image.affine.tolist(),
-            "order": "channel first, then the input file's own voxel order",
-        }
-
-    def __call__(self, box: tuple[slice, ...], probs: np.ndarray) -> None:
-        self.view[(slice(None), *box)] = np.moveaxis(probs, 0, -1)
-
-    def close(self) -> list[Path]:
-        self.mm.flush()
-        del self.mm, self.view
-        os.replace(self.tmp, self.final)
-        side = self.final.with_suffix(".json")
-        with atomic_write(side) as tmp:
-            tmp.write_text(json.dumps(self.sidecar, indent=2))
-        return [self.final, side]
-
-    def abort(self) -> None:
-        self.tmp.unlink(missing_ok=True)
-
-
 @dataclass(frozen=True)
 class BatchOptions:
     """What :func:`predict_files` writes and how it treats existing outputs and memory."""
@@ -219,7 +117,6 @@ def group_inputs(inputs: list[Path], in_channels: int) -> list[tuple[str, list[P
 
     Raises :class:`DataError` when two inputs would write the same output, or a case lacks channels.
     """
-    from medseg.io import case_id
 
     groups: dict[str, list[Path]] = {}
     for p in inputs:
@@ -258,7 +155,6 @@ def group_inputs(inputs: list[Path], in_channels: int) -> list[tuple[str, list[P
 def load_channels(paths: list[Path]) -> Volume:
     """One file per channel -> one multi-channel Volume; all channels must share one stored grid
     (same shape and affine: the arrays are stacked as they are)."""
-    from medseg.io import load_volume
 
     vols = [load_volume(p) for p in paths]
     if len(vols) == 1:
@@ -275,14 +171,6 @@ def load_channels(paths: list[Path]) -> Volume:
 
 
 def _versions() -> dict[str, str]:
-    import platform
-
-    import monai
-    import nibabel
-    import SimpleITK
-    import torch
-
-    from medseg._version import __version__
 
     return {
         "medseg": __version__,
@@ -297,8 +185,6 @@ def _versions() -> dict[str, str]:
 
 def check_memory(vol: Volume, bundle: Bundle, opts: EngineOptions, limit: int | None) -> dict[str, int]:
     """Estimate what predicting ``vol`` needs, log it, and refuse (:class:`DataError`) if it won't fit."""
-    from medseg.inference.engine import estimate_memory
-    from medseg.inference.process import available_memory
 
     est = estimate_memory(vol, bundle.plan, opts, params=bundle.n_params)
     avail = limit if limit is not None else available_memory()
@@ -378,9 +264,6 @@ def _open_streaming(paths: list[Path], plan: Plan, batch: BatchOptions) -> Any:
     """A slab reader for a single 3D NIfTI file (:class:`~medseg.io.nifti.NiftiSlabs`) or DICOM series
     folder (:class:`~medseg.io.dicom.DicomSlabs`), so that the scan is read block by block instead of
     held whole; None for other inputs and for ``--report`` (which needs the voxels): those are loaded."""
-    from medseg.io._slabs import NotStreamable
-    from medseg.io.dicom import DicomSlabs
-    from medseg.io.nifti import NiftiSlabs, is_nifti
 
     if len(paths) != 1 or plan.spatial_dims != 3 or batch.report:
         return None
@@ -405,7 +288,6 @@ def _predict_loaded(
     batch: BatchOptions,
     t0: float,
 ) -> dict[str, Any]:
-    from medseg.data.datasets import squeeze_2d
 
     source = paths[0]
     t_read = time.perf_counter()
@@ -424,12 +306,12 @@ def _predict_loaded(
             if batch.combined_labels and bundle.plan.mode == Mode.SIGMOID:
                 files += write_combined_labels(pred, bundle.plan, out_dir, case, ext=ext)
         if batch.output_format in ("dicom-seg", "both"):
-            files.append(_write_seg(pred, bundle, source, safe_join(out_dir, f"{case}_seg.dcm")))
+            files.append(write_seg(pred, bundle, source, safe_join(out_dir, f"{case}_seg.dcm")))
         if writer is not None:
             files += writer.close()
             writer = None
         if batch.report:
-            files += _write_report(vol, pred, bundle, safe_join(out_dir, f"{case}_report"))
+            files += write_report_of(vol, pred, bundle, safe_join(out_dir, f"{case}_report"))
     except BaseException:
         if writer is not None:  # a half-written probability file must not stay behind
             writer.abort()
@@ -452,24 +334,6 @@ def _predict_loaded(
     }
 
 
-def _write_seg(pred: Volume, bundle: Bundle, series_dir: Path, path: Path) -> Path:
-    from medseg.io.dicom_seg import write_dicom_seg
-
-    plan = bundle.plan
-    values = plan.label_values if plan.mode == Mode.SOFTMAX else None
-    return write_dicom_seg(pred, series_dir, path, names=plan.structure_names, values=values)
-
-
-def _write_report(image: Volume, pred: Volume, bundle: Bundle, out: Path) -> list[Path]:
-    from medseg.report import write_report
-
-    plan = bundle.plan
-    spec = replace(plan.labels, source=str(bundle.path / "plan.json"))
-    prov = bundle.provenance()
-    provenance = {"run_dir": prov.pop("model"), **prov}
-    return list(write_report(image, pred, out, spec=spec, provenance=provenance).values())
-
-
 def check_output_folder(out_dir: Path, inputs: Sequence[Path] = (), folders: Sequence[Path] = ()) -> None:
     """Refuse (:class:`DataError`) an output folder that is the folder of an input, or is or lies
     inside an input DICOM folder or a folder the inputs were gathered from (``folders``):
@@ -487,22 +351,6 @@ def check_output_folder(out_dir: Path, inputs: Sequence[Path] = (), folders: Seq
             "written among the inputs (a later run over that folder would read them as scans); choose "
             "an output folder outside it"
         )
-
-
-def _earlier_rows(manifest: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    """Case rows of an earlier ``predict.json`` in the output folder, by ``(case, input)``: a re-run
-    that skips a case keeps what is known about its output. A row of a case that run predicted gets
-    that run's time (``predicted``); a row it skipped keeps its own ``predicted``, if it had one."""
-    try:
-        old = json.loads(manifest.read_text())
-        rows = {}
-        for r in old.get("cases", []):
-            if isinstance(r, dict) and "case" in r:
-                stamp = {} if r.get("skipped") else {"predicted": old.get("created")}
-                rows[r["case"], str(r.get("input"))] = {**stamp, **r}
-        return rows
-    except (OSError, ValueError, AttributeError, TypeError):
-        return {}
 
 
 def predict_files(
@@ -524,8 +372,6 @@ def predict_files(
     skipped unless ``batch.overwrite``; a failing case is logged and listed under ``failures`` while
     the others go on. The manifest is written to ``out_dir/predict.json``.
     """
-    import torch
-    from tqdm.auto import tqdm
 
     bundle = load_bundle(run_dir, device=device)
     opts = engine or EngineOptions.from_config(bundle.predict)
@@ -541,29 +387,52 @@ def predict_files(
         )
     cases = group_inputs(inputs, bundle.plan.in_channels)
     out_dir.mkdir(parents=True, exist_ok=True)
-    earlier = _earlier_rows(out_dir / "predict.json")
-    rows, failures = [], []
-    t_start = time.perf_counter()
-    for name, paths in tqdm(cases, desc="predict", disable=not batch.progress):
-        try:
-            case_batch = batch
-            if batch.output_format == "both" and not paths[0].is_dir():
-                logger.warning("%s: not a DICOM series folder: NIfTI output only (no DICOM SEG)", paths[0])
-                case_batch = replace(batch, output_format="nifti")
-            expected = _expected_outputs(out_dir, name, paths[0], bundle.plan, case_batch)
-            if all(p.exists() for p in expected) and not batch.overwrite:
-                row_input = [str(p) for p in paths] if len(paths) > 1 else str(paths[0])
-                key = (name, str(row_input))
-                rows.append({**earlier.get(key, {"input": row_input, "case": name}), "skipped": True})
-                continue
-            rows.append(predict_case(bundle, paths, out_dir, name, opts, case_batch))
-        except Exception as exc:  # noqa: BLE001 - one bad input must not stop the batch
-            msg = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
-            msg = msg.removeprefix(f"{paths[0]}: ")  # the path is printed beside it
-            logger.error("%s: %s", paths[0], msg)
-            failures.append({"input": str(paths[0]), "error": msg})
+    manifest = Manifest(out_dir, _header(bundle, opts, batch))
+    current = None
+    try:
+        for name, paths in tqdm(cases, desc="predict", disable=not batch.progress):
+            current = paths[0]
+            _predict_or_skip(bundle, name, paths, out_dir, opts, batch, manifest)
+            current = None
+    finally:
+        if current is not None:  # interrupted (SIGTERM, Ctrl-C): say so, keep what is done
+            manifest.fail(str(current), "interrupted before this case was finished")
+    return manifest.write({"peak_rss_mb": round(peak_rss_bytes() / 2**20, 1)})
+
+
+def _predict_or_skip(
+    bundle: Bundle,
+    name: str,
+    paths: list[Path],
+    out_dir: Path,
+    opts: EngineOptions,
+    batch: BatchOptions,
+    manifest: Manifest,
+) -> None:
+    """Predict one case into the manifest, skip it when its outputs exist, or record its failure."""
+    row_input: Any = [str(p) for p in paths] if len(paths) > 1 else str(paths[0])
+    try:
+        case_batch = batch
+        if batch.output_format == "both" and not paths[0].is_dir():
+            logger.warning("%s: not a DICOM series folder: NIfTI output only (no DICOM SEG)", paths[0])
+            case_batch = replace(batch, output_format="nifti")
+        expected = _expected_outputs(out_dir, name, paths[0], bundle.plan, case_batch)
+        if all(p.exists() for p in expected) and not batch.overwrite:
+            earlier = manifest.earlier(name, row_input) or {"input": row_input, "case": name}
+            manifest.add({**earlier, "skipped": True})
+            return
+        manifest.add(predict_case(bundle, paths, out_dir, name, opts, case_batch))
+    except Exception as exc:  # noqa: BLE001 - one bad input must not stop the batch
+        msg = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+        msg = msg.removeprefix(f"{paths[0]}: ")  # the path is printed beside it
+        logger.error("%s: %s", paths[0], msg)
+        manifest.fail(str(paths[0]), msg)
+
+
+def _header(bundle: Bundle, opts: EngineOptions, batch: BatchOptions) -> dict[str, Any]:
+    """The run-level part of ``predict.json``."""
     pp = bundle.postprocessing
-    manifest = {
+    return {
         "model": str(bundle.path),
         "checkpoint": bundle.checkpoint,
         "config_hash": bundle.meta.get("config_hash"),
@@ -582,12 +451,4 @@ def predict_files(
             "fill_holes": pp.fill_holes,
         },
         "versions": _versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "seconds": round(time.perf_counter() - t_start, 3),
-        "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
-        "cases": rows,
-        "failures": failures,
     }
-    with atomic_write(out_dir / "predict.json") as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2))
-    return manifest

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
+import sys
 from functools import cache
 
 #: glibc ``mallopt`` parameters (malloc.h)
@@ -66,8 +68,6 @@ def peak_rss_bytes() -> int:
     peak = _proc_kib("/proc/self/status", "VmHWM")
     if peak is not None:
         return peak
-    import resource
-    import sys
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)

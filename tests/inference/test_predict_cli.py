@@ -13,7 +13,7 @@ from factories import build_plan
 
 from medseg.cli.main import main
 from medseg.data.plan import ChannelNorm
-from medseg.inference.predict import combined_label_map
+from medseg.inference.writers import combined_label_map
 from medseg.io import load_volume, save_volume
 from medseg.io.dicom_write import write_dicom_series
 from medseg.types import Volume
@@ -432,8 +432,10 @@ def test_rerun_with_more_outputs_is_not_skipped(bundle: Path, tmp_path: Path) ->
     # another input with the same case name: nothing of the earlier row is claimed for it
     save_volume(_scan(AFFINES["LPS"]), tmp_path / "other" / "c.nii.gz")
     assert _predict(bundle, [tmp_path / "other" / "c.nii.gz"], out, "--save-probabilities") == 0
-    row = json.loads((out / "predict.json").read_text())["cases"][0]
+    rows = json.loads((out / "predict.json").read_text())["cases"]
+    row = next(r for r in rows if r["input"] == str(tmp_path / "other" / "c.nii.gz"))
     assert row == {"input": str(tmp_path / "other" / "c.nii.gz"), "case": "c", "skipped": True}
+    assert len(rows) == 2  # the earlier input's row stays in the folder's manifest
 
 
 def test_failed_write_leaves_no_probability_file(bundle: Path, tmp_path: Path, monkeypatch) -> None:

@@ -1,0 +1,95 @@
+"""predict.json stays true: written after every case, kept when a run is interrupted, and merged under a
+lock when several runs write into one folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from factories import build_plan, write_run
+
+from medseg.inference.manifest import Manifest
+from medseg.io import save_volume
+from medseg.io.dicom_write import write_dicom_series
+from medseg.types import Volume
+
+
+def _scan(shape=(30, 26, 9), seed: int = 0) -> Volume:
+    rng = np.random.default_rng(seed)
+    arr = np.full((1, *shape), -1000, np.int16)
+    arr[0, 3:-3, 3:-3, 1:-1] = rng.integers(-100, 200, size=(shape[0] - 6, shape[1] - 6, shape[2] - 2))
+    return Volume(arr, np.diag([0.8, 0.8, 2.5, 1.0]))
+
+
+def _predict(run: Path, inputs: list[Path], out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "medseg", "predict", "--model", str(run), "--input", *map(str, inputs)]
+    env = {**os.environ, "MEDSEG_MALLOC": "default"}
+    return subprocess.Popen(
+        [*cmd, "--output", str(out), "--no-progress", "--device", "cpu"], env=env, stderr=subprocess.PIPE
+    )
+
+
+def test_two_runs_into_one_folder_both_end_up_in_the_manifest(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", build_plan())
+    inputs = [save_volume(_scan(seed=k), tmp_path / "in" / f"case{k}.nii.gz") for k in range(6)]
+    out = tmp_path / "out"
+    procs = [_predict(run, inputs[:3], out), _predict(run, inputs[3:], out)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:] if p.stderr else ""
+    manifest = json.loads((out / "predict.json").read_text())
+    assert sorted(r["case"] for r in manifest["cases"]) == [f"case{k}" for k in range(6)]
+    assert all(not r.get("skipped") for r in manifest["cases"]) and manifest["failures"] == []
+
+
+def test_an_interrupted_run_keeps_its_finished_cases_in_the_manifest(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", build_plan())
+    first = save_volume(_scan(), tmp_path / "in" / "a_first.nii.gz")
+    series = write_dicom_series(_scan(shape=(160, 160, 96)), tmp_path / "in" / "b_series")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    cmd = [sys.executable, "-m", "medseg", "predict", "--model", str(run), "--input", str(first), str(series)]
+    env = {**os.environ, "TMPDIR": str(tmp), "MEDSEG_MALLOC": "default"}
+    proc = subprocess.Popen(
+        [*cmd, "--output", str(tmp_path / "o"), "--no-progress", "--device", "cpu"], env=env
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp.glob("medseg-dicom-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)  # the second case is being decoded
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    manifest = json.loads((tmp_path / "o" / "predict.json").read_text())
+    assert [r["case"] for r in manifest["cases"]] == ["a_first"]
+    assert manifest["failures"] == [
+        {"input": str(series), "error": "interrupted before this case was finished"}
+    ]
+
+
+def test_merge_keeps_other_rows_and_replaces_its_own(tmp_path: Path) -> None:
+    (tmp_path / "predict.json").write_text(
+        json.dumps(
+            {
+                "created": "T0",
+                "cases": [{"case": "a", "input": "a.nii"}, {"case": "b", "input": "b.nii"}],
+                "failures": [{"input": "c.nii", "error": "bad"}],
+            }
+        )
+    )
+    m = Manifest(tmp_path, {"model": "m"})
+    m.add({"case": "b", "input": "b.nii", "outputs": ["b.nii.gz"]})
+    m.add({"case": "c", "input": "c.nii", "outputs": ["c.nii.gz"]})
+    doc = json.loads((tmp_path / "predict.json").read_text())
+    assert doc["cases"] == [
+        {"predicted": "T0", "case": "a", "input": "a.nii"},
+        {"case": "b", "input": "b.nii", "outputs": ["b.nii.gz"]},
+        {"case": "c", "input": "c.nii", "outputs": ["c.nii.gz"]},
+    ]
+    assert doc["failures"] == [] and doc["model"] == "m"
