@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from medseg.errors import ConfigError, DataError
 from medseg.names import check_label_name, check_name, spreadsheet_safe
@@ -206,7 +207,6 @@ def _from_plan(path: Path) -> LabelLayout:
 def _from_config(path: Path) -> LabelLayout:
     """The ``data.labels`` / ``data.structures`` of a config file (read as YAML: the names are all that
     is needed, and checked here as the config checks them)."""
-    import yaml
 
     try:
         data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}

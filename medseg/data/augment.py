@@ -13,6 +13,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from monai.transforms import (
+    Compose,
+    Rand2DElasticd,
+    Rand3DElasticd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+)
 
 from medseg.labels import Mode
 
@@ -76,15 +85,6 @@ class Augmenter:
         p_gamma: float = 0.15,
         p_contrast: float = 0.15,
     ) -> None:
-        from monai.transforms import (
-            Compose,
-            Rand2DElasticd,
-            Rand3DElasticd,
-            RandAdjustContrastd,
-            RandAffined,
-            RandGaussianNoised,
-            RandScaleIntensityd,
-        )
 
         self.spatial_dims = spatial_dims
         self.patch_size = tuple(int(p) for p in patch_size)

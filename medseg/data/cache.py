@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.data.datasets import load_case
 from medseg.data.plan import Plan
 from medseg.data.preprocess import preprocess_case
 from medseg.data.sampling import class_locations
@@ -89,7 +90,6 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
 def cache_case(case: Any, plan: Plan, data_cfg: Any, cache_dir: Path) -> CachedCase:
     """Preprocess ``case`` unless a valid cached copy exists; returns the cached case."""
-    from medseg.data.datasets import load_case
 
     sources = [*case.images, *([case.label] if case.label else []), *case.masks.values()]
     folder = Path(cache_dir) / plan.preprocess_key()
@@ -148,7 +148,6 @@ class OriginalCase:
         return self.folder / f"{self.case_id}_meta.json"
 
     def _store(self) -> None:
-        from medseg.data.datasets import load_case
 
         self.folder.mkdir(parents=True, exist_ok=True)
         image, label = load_case(self.case, self.data_cfg)

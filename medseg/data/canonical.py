@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 
 from medseg.data.geometry import canonical_ornt, oriented_affine
@@ -28,7 +29,6 @@ def oriented_view(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     Writing into the view writes into ``array``: this is how results are placed into the input's
     storage order without a reoriented copy.
     """
-    import nibabel as nib
 
     if array.ndim - 1 == 2:
         return array

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from medseg.data.datasets import (
     Case,
@@ -29,6 +30,7 @@ from medseg.data.datasets import (
     mask_geometry_problems,
     squeeze_2d,
 )
+from medseg.io import load_volume
 from medseg.types import Volume
 
 if TYPE_CHECKING:
@@ -197,7 +199,6 @@ class _Checker:
         self.problems.append(Problem(severity, case, _rel(file, self.root) if file else "", check, message))
 
     def read(self, case: Case, path: Path, what: str) -> Volume | None:
-        from medseg.io import load_volume
 
         path = Path(path)
         if not path.exists():
@@ -444,7 +445,6 @@ def check_dataset(
         >>> report = check_dataset(dataset_from_folder(Path("data/Task09_Spleen")))  # doctest: +SKIP
         >>> print(report.to_table())  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
 
     checker = _Checker(
         dataset, data, tol_spacing=tol_spacing, tol_origin_mm=tol_origin_mm, tol_direction=tol_direction

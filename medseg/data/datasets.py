@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from medseg.errors import DataError
+from medseg.io import case_id as case_id_of
+from medseg.io import label_dtype, load_volume
 from medseg.labels import Mode
 from medseg.types import Volume, same_physical_grid
 
@@ -662,7 +664,6 @@ def _list_columns(
 def _list_case(
     row: dict[str, Any], what: str, cols: _ListColumns, data: DataConfig, list_file: Path, problems: _Problems
 ) -> Case | None:
-    from medseg.io import case_id as case_id_of
 
     root, list_dir = Path(data.root), list_file.parent
     raw_images = [_cell(row, c) for c in cols.images]
@@ -904,7 +905,6 @@ def _nearest_resize(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _read(case: Case, path: Path, what: str) -> Volume:
-    from medseg.io import load_volume
 
     try:
         return load_volume(path)
@@ -982,7 +982,6 @@ def load_case(case: Case, data: DataConfig | None = None) -> tuple[Volume, Volum
             label lie on different grids, the label has non-integer values, or the image is not
             ``data.spatial_dims``-D; the message names the case and the file.
     """
-    from medseg.io import label_dtype
 
     if not case.images:
         raise DataError(f"case {case.case_id}: no image files")

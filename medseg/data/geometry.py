@@ -13,14 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import nibabel as nib
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from medseg.types import Volume
 
 
 def canonical_ornt(affine: np.ndarray, spatial_dims: int) -> np.ndarray:
     """nibabel orientation transform that brings a 3D grid closest to RAS (2D: identity)."""
-    import nibabel as nib
 
     if spatial_dims == 2:
         return np.array([[0, 1], [1, 1]], dtype=float)
@@ -33,7 +35,6 @@ def reorient(array: np.ndarray, affine: np.ndarray, ornt: np.ndarray) -> tuple[n
     Only permutes and flips axes (no interpolation), so it is exactly invertible with
     :func:`invert_ornt`.
     """
-    import nibabel as nib
 
     spatial = array.shape[1:]
     if len(spatial) == 2 or np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
@@ -44,7 +45,6 @@ def reorient(array: np.ndarray, affine: np.ndarray, ornt: np.ndarray) -> tuple[n
 
 def oriented_affine(affine: np.ndarray, ornt: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Affine of a grid of ``shape`` after :func:`reorient` with ``ornt`` (2D grids: unchanged)."""
-    import nibabel as nib
 
     if len(shape) == 2:
         return affine
@@ -53,7 +53,6 @@ def oriented_affine(affine: np.ndarray, ornt: np.ndarray, shape: Sequence[int]) 
 
 def invert_ornt(ornt: np.ndarray) -> np.ndarray:
     """The orientation transform that undoes ``ornt``."""
-    import nibabel as nib
 
     identity = np.array([[i, 1] for i in range(len(ornt))], dtype=float)
     return nib.orientations.ornt_transform(identity, ornt)
@@ -78,8 +77,6 @@ def resampled_affine(affine: np.ndarray, old_shape: Sequence[int], new_shape: Se
 
 
 def _interp(x: np.ndarray, new_shape: tuple[int, ...], linear: bool) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
 
     if tuple(x.shape[1:]) == tuple(new_shape):
         return x.astype(np.float32, copy=False)

@@ -31,8 +31,11 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from medseg.config import Config
+from medseg.data.datasets import load_case
+from medseg.data.geometry import resampled_shape, to_canonical
 from medseg.errors import ConfigError, DataError
 from medseg.io._atomic import atomic_write
 from medseg.labels import LabelLayout, Mode
@@ -174,10 +177,7 @@ def compute_fingerprint(
     cases: Sequence[Any], data_cfg: Any, *, seed: int = 0, progress: bool = False
 ) -> Fingerprint:
     """Read every training case once: spacing, shape (canonical orientation) and foreground intensities."""
-    from tqdm.auto import tqdm
 
-    from medseg.data.datasets import load_case
-    from medseg.data.geometry import to_canonical
 
     rng = np.random.default_rng(seed)
     spacings, shapes = [], []
@@ -348,7 +348,6 @@ def make_plan(
         ConfigError: If no legal patch fits ``train.memory_gb``, or a configured patch does not fit
             the network's strides.
     """
-    from medseg.data.geometry import resampled_shape
 
     data = cfg.data
     dims = data.spatial_dims

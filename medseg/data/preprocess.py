@@ -28,6 +28,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from medseg.data.canonical import SLAB_BYTES, CanonicalSlabs, canonical_grid
 from medseg.data.geometry import (
@@ -42,6 +44,7 @@ from medseg.data.geometry import (
 from medseg.data.plan import ChannelNorm, Plan
 from medseg.errors import DataError
 from medseg.labels import Mode, label_dtype_for
+from medseg.losses.weight_maps import unet_border_weight_map, unet_border_weight_map_multichannel
 from medseg.types import Volume
 
 __all__ = [
@@ -102,8 +105,6 @@ def linear_taps(n_out: int, n_in: int, start: int, stop: int) -> tuple[np.ndarra
 
 def resize_inplane(x: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """Linear resize of the trailing in-plane axes of ``(n, C, *inplane)`` (float32)."""
-    import torch
-    import torch.nn.functional as F
 
     if tuple(x.shape[2:]) == tuple(size):
         return x
@@ -427,7 +428,6 @@ def compute_weights(label: np.ndarray, plan: Plan) -> np.ndarray | None:
     bw = plan.border_weights or {}
     if not bw.get("enabled", False):
         return None
-    from medseg.losses.weight_maps import unet_border_weight_map, unet_border_weight_map_multichannel
 
     kwargs = {"w0": float(bw["w0"]), "sigma_mm": float(bw["sigma_mm"]), "spacing_mm": plan.target_spacing_mm}
     if plan.mode == Mode.SOFTMAX:

@@ -42,10 +42,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
+from pydicom.uid import generate_uid
+from scipy import ndimage as ndi
+from tqdm.auto import tqdm
 
 from medseg.errors import DataError
+from medseg.io import save_label_map, save_volume
 from medseg.io._atomic import write_text_atomic
+from medseg.io.dicom_write import write_dicom_series
 from medseg.types import Volume, orientation_code
 
 logger = logging.getLogger(__name__)
@@ -165,7 +171,6 @@ class _Grid:
 
 def _make_grid(rng: np.random.Generator, orientation: str, oblique_deg: float = 0.0) -> _Grid:
     """Random spacing, matrix, slice count, origin and body size; ``orientation`` sets the storage order."""
-    import nibabel as nib
 
     s = round(float(rng.uniform(*IN_PLANE_SPACING_MM)), 3)
     n = int(rng.choice(MATRIX_SIZES))
@@ -313,7 +318,6 @@ class _Canvas:
 
 def _smooth_noise(rng: np.random.Generator, grid: _Grid, sigma_mm: float) -> np.ndarray:
     """Gaussian-filtered white noise with unit standard deviation, correlation length ``sigma_mm``."""
-    from scipy import ndimage as ndi
 
     white = rng.standard_normal(grid.shape, dtype=np.float32)
     sigma = [max(sigma_mm / float(s), 0.3) for s in grid.spacing]
@@ -526,7 +530,6 @@ def make_ct_case(
     _paint_organs(cv, rng, body, cavity)
     _paint_spine_and_vessels(cv, rng, body)
 
-    from scipy import ndimage as ndi
 
     spacing = grid.spacing
     psf = [max(0.45 / float(s), 0.2) for s in spacing]  # ~0.45 mm in-plane PSF, thinner in z
@@ -613,10 +616,7 @@ def synth_ct(
     Returns:
         ``out``.
     """
-    from tqdm.auto import tqdm
 
-    from medseg.io import save_label_map, save_volume
-    from medseg.io.dicom_write import write_dicom_series
 
     out = Path(out)
     n_test = num_test_cases(cases)
@@ -629,7 +629,6 @@ def synth_ct(
     generator = f"{__name__}.synth_ct"
     _prepare_out(out, ("imagesTr", "labelsTr", "imagesTs", "labelsTs", "dicomTs"), generator)
 
-    from pydicom.uid import generate_uid
 
     training: list[dict[str, str]] = []
     test: list[dict[str, str]] = []

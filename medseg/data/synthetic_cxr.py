@@ -31,9 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage as ndi
+from tqdm.auto import tqdm
 
 from medseg.data.synthetic import PHANTOM_VERSION, _prepare_out, _write_json, num_test_cases
 from medseg.errors import DataError
+from medseg.io import save_volume
 from medseg.io._atomic import write_text_atomic
 from medseg.types import Volume
 
@@ -53,7 +56,6 @@ def _cxr_rng(seed: int, index: int) -> np.random.Generator:
 
 
 def _smooth(rng: np.random.Generator, shape: tuple[int, int], sigma_px: float) -> np.ndarray:
-    from scipy import ndimage as ndi
 
     f = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_px, truncate=2.5)
     return f / np.float32(max(float(f.std()), 1e-6))
@@ -119,7 +121,6 @@ def make_cxr_case(index: int, *, seed: int = 0, size: int = 256) -> tuple[np.nda
         ``(image, masks)``: uint8 image of shape ``(rows, columns) = (size, size)`` and boolean masks of
         the same shape keyed by structure name (patient's side; left lung on the image's right).
     """
-    from scipy import ndimage as ndi
 
     rng = _cxr_rng(seed, index)
     rows = cols = int(size)
@@ -240,9 +241,7 @@ def synth_chest_xray(
     Returns:
         ``out``.
     """
-    from tqdm.auto import tqdm
 
-    from medseg.io import save_volume
 
     if size < 32:
         raise DataError(f"size must be at least 32 pixels, got {size}")

@@ -14,9 +14,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from medseg.errors import DataError
+from medseg.io import case_id, label_dtype, load_volume
 from medseg.types import Volume, orientation_code, same_physical_grid
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,6 @@ def discover(root: Path, side: str) -> dict[str, Path]:
     Hidden entries (e.g. ``.case.tmp-123`` left by an interrupted ``medseg predict``) and non-image
     files (``predict.json``) are skipped.
     """
-    from medseg.io import case_id
 
     found: dict[str, list[Path]] = {}
     for child in sorted(root.iterdir()):
@@ -79,7 +80,6 @@ def match_cases(pred: Path, ref: Path, *, allow_missing: bool) -> tuple[list[Cas
         DataError: An input does not exist, no case matches, or references have no prediction and
             `allow_missing` is False (the message lists them).
     """
-    from medseg.io import case_id
 
     for what, p in (("pred", pred), ("ref", ref)):
         if not p.exists():
@@ -168,7 +168,6 @@ def mask_files(folder: Path) -> dict[str, Path]:
 
 def open_side(path: Path, grid: Grid | None) -> tuple[Side, Grid]:
     """Load a label-map file (or list a mask folder) and check it against `grid` (None: it defines it)."""
-    from medseg.io import load_volume
 
     if path.is_dir():
         files = mask_files(path)
@@ -189,7 +188,6 @@ def open_side(path: Path, grid: Grid | None) -> tuple[Side, Grid]:
 
 def load_mask(path: Path, grid: Grid) -> np.ndarray:
     """One structure's binary mask (nonzero = inside; PNG masks hold 0/255) on the reference grid."""
-    from medseg.io import load_volume
 
     vol = load_volume(path)
     arr = vol.array[0] if vol.num_channels == 1 else None
@@ -202,7 +200,6 @@ def load_mask(path: Path, grid: Grid) -> np.ndarray:
 
 
 def _as_labels(vol: Volume, path: Path, grid: Grid) -> np.ndarray:
-    from medseg.io import label_dtype
 
     arr = vol.array[0]
     if arr.dtype not in (np.uint8, np.uint16):
@@ -224,7 +221,6 @@ def on_grid(arr: np.ndarray, vol: Volume, path: Path, grid: Grid) -> np.ndarray:
 
 def _reorient(arr: np.ndarray, affine: np.ndarray, grid: Grid) -> np.ndarray | None:
     """The same voxels stored in another axis order/direction, flipped and transposed onto `grid`."""
-    import nibabel as nib
 
     if arr.ndim != 3:
         return None

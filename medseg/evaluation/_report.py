@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
+from medseg._version import __version__
 from medseg.io._atomic import atomic_write
 from medseg.labels import LabelLayout
+from medseg.metrics import EMPTY_POLICY, dice
+from medseg.metrics.overlap import Counts
 from medseg.names import spreadsheet_safe
 
 COLUMNS = (
@@ -67,8 +71,6 @@ def stats(values: Sequence[float]) -> dict[str, Any]:
 
 
 def _structure_summary(rows: list[dict[str, Any]], distances: bool) -> dict[str, Any]:
-    from medseg.metrics import dice
-    from medseg.metrics.overlap import Counts
 
     pooled = Counts(
         sum(r["tp"] for r in rows), sum(r["fp"] for r in rows), sum(r["fn"] for r in rows), 0
@@ -100,8 +102,6 @@ def build_summary(
     seconds: float,
 ) -> dict[str, Any]:
     """The content of ``summary.json`` (NaN/inf never appear: statistics skip them and count them)."""
-    from medseg._version import __version__
-    from medseg.metrics import EMPTY_POLICY
 
     by_structure: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -171,10 +171,6 @@ def write_outputs(
 
 def write_boxplot(rows: list[dict[str, Any]], path: Path) -> Path:
     """Horizontal box plot of Dice per structure (finite values only; n valid in each label)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     values: dict[str, list[float]] = {}
     for r in rows:
@@ -182,24 +178,20 @@ def write_boxplot(rows: list[dict[str, Any]], path: Path) -> Path:
         if math.isfinite(r["dice"]):
             values[r["structure"]].append(r["dice"])
     names = [n for n, v in values.items() if v][::-1]  # first structure on top
-    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.22 * len(names) + 1.2)))
-    try:
-        if names:
-            ax.boxplot([values[n] for n in names], orientation="horizontal", widths=0.6)
-            ax.set_yticks(range(1, len(names) + 1), [f"{n} (n={len(values[n])})" for n in names], fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "no structure has a defined Dice", ha="center", va="center")
-        ax.set_xlim(-0.02, 1.02)
-        ax.set_xlabel("Dice")
-        ax.set_title(
-            "Dice per structure (cases where the structure is empty in both are left out)", fontsize=9
-        )
-        ax.grid(axis="x", alpha=0.3)
-        fig.tight_layout()
-        with atomic_write(path) as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(8, max(2.5, 0.22 * len(names) + 1.2)))
+    ax = fig.subplots()
+    if names:
+        ax.boxplot([values[n] for n in names], orientation="horizontal", widths=0.6)
+        ax.set_yticks(range(1, len(names) + 1), [f"{n} (n={len(values[n])})" for n in names], fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no structure has a defined Dice", ha="center", va="center")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_xlabel("Dice")
+    ax.set_title("Dice per structure (cases where the structure is empty in both are left out)", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     return path
 
 

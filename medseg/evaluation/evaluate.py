@@ -34,7 +34,19 @@ import numpy as np
 from medseg.errors import ConfigError, DataError
 from medseg.evaluation._cases import CasePair, Grid, Side, match_cases, open_side
 from medseg.evaluation._report import COLUMNS, DISTANCE_COLUMNS, build_summary, write_outputs
-from medseg.labels import LabelLayout
+from medseg.io import case_id
+from medseg.labels import LabelLayout, load_labels
+from medseg.metrics import (
+    AXIS_NAMES,
+    count_overlaps,
+    count_overlaps_masks,
+    dice,
+    surface_metrics,
+    surface_metrics_labels,
+    touches_border,
+    touches_border_labels,
+    volume_ml,
+)
 from medseg.metrics.distances import SurfaceMetrics
 from medseg.metrics.overlap import Counts
 
@@ -98,7 +110,6 @@ def evaluate(
             named), mask folders that lack structures.
         ConfigError: Invalid options, unreadable ``labels``, or an output folder inside an input.
     """
-    from medseg.labels import load_labels
 
     options = options or EvaluateOptions()
     pred, ref, output = Path(pred), Path(ref), Path(output)
@@ -170,7 +181,6 @@ def evaluate_case(
     Raises:
         DataError: As for :func:`evaluate`.
     """
-    from medseg.io import case_id
 
     ref = Path(ref)
     name = case or (case_id(ref) if ref.is_file() else ref.name)
@@ -208,7 +218,6 @@ def _label_map_rows(
     options: EvaluateOptions,
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """All structures of two label maps from one counting pass (+ one bounding-box pass per map)."""
-    from medseg.metrics import count_overlaps, surface_metrics_labels, touches_border_labels
 
     (pred, ref), spacing, transposed = _memory_order(pred, ref, spacing_mm=grid.spacing_mm)
     vmax = max(int(pred.max()), int(ref.max())) if pred.size else 0
@@ -246,7 +255,6 @@ def _mask_rows(
     case: str, pred: Side, ref: Side, spec: LabelLayout | None, grid: Grid, options: EvaluateOptions
 ) -> list[dict[str, Any]]:
     """Structures of per-structure mask folders (on either side), one structure at a time."""
-    from medseg.metrics import count_overlaps_masks, surface_metrics, touches_border
 
     names, values = _mask_structures(pred, ref, spec)
     rows = []
@@ -278,7 +286,6 @@ def _memory_order(
 
 def _untranspose_sides(sides: list[str], ndim: int) -> list[str]:
     """Border sides found on the transposed array, named after the original axes (in their order)."""
-    from medseg.metrics import AXIS_NAMES
 
     index = {AXIS_NAMES[i]: AXIS_NAMES[ndim - 1 - i] for i in range(ndim)}
     mapped = [f"{index[s[0]]}{s[1:]}" for s in sides]
@@ -333,7 +340,6 @@ def _row(
     border: list[str],
     dist: SurfaceMetrics | None,
 ) -> dict[str, Any]:
-    from medseg.metrics import dice, volume_ml
 
     if len(spacing_mm) == 3:
         v_pred, v_ref = volume_ml(counts.n_pred, spacing_mm), volume_ml(counts.n_ref, spacing_mm)

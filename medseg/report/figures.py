@@ -13,11 +13,19 @@ that :func:`palette` gives them; the report's table swatches use the same colour
 
 from __future__ import annotations
 
+import colorsys
 import io
 from dataclasses import dataclass, field
 from typing import Any
 
+import nibabel as nib
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import to_hex
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from PIL import Image
+from scipy import ndimage as ndi
 
 from medseg.report.table import StructureTable
 from medseg.types import Volume
@@ -65,10 +73,6 @@ class ReportFigures:
 
 def palette(n: int) -> list[str]:
     """``n`` distinct colours as ``#rrggbb`` (matplotlib tab20, tab20b, tab20c, then golden-ratio hues)."""
-    import colorsys
-
-    from matplotlib import colormaps
-    from matplotlib.colors import to_hex
 
     base: list[str] = []
     for name in ("tab20", "tab20b", "tab20c"):
@@ -185,7 +189,6 @@ def render_figures(image: Volume, layers: RowLayers, table: StructureTable) -> R
 
 def png_bytes(rgb: np.ndarray) -> bytes:
     """PNG encoding of an RGB uint8 array."""
-    from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
@@ -209,19 +212,12 @@ def overview_png(figs: ReportFigures, table: StructureTable, *, dpi: int = 100) 
     fig = overview_figure(figs, table)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
-    import matplotlib.pyplot as plt
 
-    plt.close(fig)
     return buf.getvalue()
 
 
 def overview_figure(figs: ReportFigures, table: StructureTable, *, width_in: float = 10.0) -> Any:
     """A matplotlib Figure: overview views (with orientation letters) above a colour legend."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
     panels = figs.overview
     widths = [p.rgb.shape[1] for p in panels]  # all panels share one mm scale
@@ -229,7 +225,7 @@ def overview_figure(figs: ReportFigures, table: StructureTable, *, width_in: flo
     legend_rows = -(-len(table.rows) // ncol) if table.rows else 0
     img_h = width_in * max(p.rgb.shape[0] for p in panels) / sum(widths) + 0.3
     legend_h = 0.16 * legend_rows + 0.15
-    fig = plt.figure(figsize=(width_in, img_h + legend_h))
+    fig = Figure(figsize=(width_in, img_h + legend_h))
     gs = fig.add_gridspec(2, len(panels), width_ratios=widths, height_ratios=[img_h, legend_h], hspace=0.02)
     for i, p in enumerate(panels):
         ax = fig.add_subplot(gs[0, i])
@@ -281,7 +277,6 @@ class _Canonical:
     def reorient(self, arr: np.ndarray) -> np.ndarray:
         if self.ornt is None:
             return arr
-        import nibabel as nib
 
         return nib.orientations.apply_orientation(arr, self.ornt)
 
@@ -311,7 +306,6 @@ class _Canonical:
 
 
 def _snapped_centre(mask: np.ndarray) -> tuple[int, ...]:
-    from scipy import ndimage as ndi
 
     com = np.array(ndi.center_of_mass(mask))
     snapped = np.clip(np.rint(com).astype(int), 0, np.array(mask.shape) - 1)
@@ -347,7 +341,6 @@ def _compose(
     height_px: int,
 ) -> np.ndarray:
     """Windowed grey + translucent colour fill + solid outline, resized to the physical aspect ratio."""
-    from PIL import Image
 
     g = np.clip((grey.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
     rgb = np.repeat(g[..., None] * 255.0, 3, axis=-1)

@@ -6,11 +6,15 @@ not-found list and provenance; then the overview with its legend; then the per-s
 
 from __future__ import annotations
 
+import io
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.backends.backend_pdf import PdfPages
+from matplotlib.figure import Figure
+from PIL import Image
 
 from medseg.report.figures import ReportFigures, strip
 from medseg.report.html import format_size
@@ -36,11 +40,6 @@ def write_pdf(
         figs: Rendered pictures (thumbnails, colours).
         overview: PNG of the overview figure with its legend (the one embedded in the HTML).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.backends.backend_pdf import PdfPages
 
     with PdfPages(path, metadata={"Title": doc["title"], "Creator": "medseg"}) as pdf:
         rows = list(table.rows)
@@ -50,27 +49,23 @@ def write_pdf(
                 rows[: ROWS_FIRST_PAGE if first else ROWS_PER_PAGE],
                 rows[ROWS_FIRST_PAGE if first else ROWS_PER_PAGE :],
             )
-            fig = plt.figure(figsize=A4_IN)
+            fig = Figure(figsize=A4_IN)
             y = 0.96
             if first:
                 y = _header(fig, doc, y)
             _table(fig, doc, table, figs, chunk, y)
             pdf.savefig(fig)
-            plt.close(fig)
             first = False
-        fig = plt.figure(figsize=A4_IN)
+        fig = Figure(figsize=A4_IN)
         _notes_page(fig, doc)
         pdf.savefig(fig)
-        plt.close(fig)
-        fig = plt.figure(figsize=A4_IN)
+        fig = Figure(figsize=A4_IN)
         _overview_page(fig, figs, overview)
         pdf.savefig(fig)
-        plt.close(fig)
         for start in range(0, len(table.rows), THUMBS_PER_PAGE):
-            fig = plt.figure(figsize=A4_IN)
+            fig = Figure(figsize=A4_IN)
             _thumb_page(fig, table, figs, table.rows[start : start + THUMBS_PER_PAGE])
             pdf.savefig(fig)
-            plt.close(fig)
 
 
 def _header(fig: Any, doc: dict[str, Any], y: float) -> float:
@@ -160,9 +155,6 @@ def _notes_page(fig: Any, doc: dict[str, Any]) -> None:
 
 
 def _overview_page(fig: Any, figs: ReportFigures, overview: bytes) -> None:
-    import io
-
-    from PIL import Image
 
     fig.text(0.05, 0.96, "Overview", fontsize=12, weight="bold", va="top")
     fig.text(0.05, 0.935, f"Views through the centre of all structures; grey levels: {figs.window}. "

@@ -24,6 +24,7 @@ from medseg.errors import DataError
 from medseg.io._atomic import atomic_write
 from medseg.labels import LabelLayout, Mode, default_labels
 from medseg.report.figures import RowLayers, is_ct, overview_png, render_figures
+from medseg.report.html import render_html
 from medseg.report.table import StructureTable, structure_table, table_csv
 from medseg.types import Volume, same_physical_grid
 
@@ -79,8 +80,6 @@ def write_report(
     table = structure_table(image, mask, spec)
     figs = render_figures(image, _row_layers(mask, spec, table), table)
     doc = _document(image, mask, table, figs.window, provenance)
-
-    from medseg.report.html import render_html
 
     paths = {
         k: out_dir / n for k, n in (("csv", "volumes.csv"), ("json", "report.json"), ("html", "report.html"))

@@ -21,6 +21,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -131,7 +132,6 @@ def anatomical_side(axis_side: str, affine: np.ndarray, spatial_dims: int = 3) -
     """
     if spatial_dims == 2:
         return _EDGE_2D[axis_side]
-    import nibabel as nib
 
     axis = AXIS_NAMES.index(axis_side[0])
     code = nib.orientations.aff2axcodes(np.asarray(affine))[axis]  # where increasing index points to

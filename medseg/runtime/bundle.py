@@ -22,7 +22,7 @@ from torch import nn
 
 from medseg.config import Config, ModelConfig, PredictConfig, load_config
 from medseg.data.plan import Plan
-from medseg.errors import DataError
+from medseg.errors import ConfigError, DataError
 from medseg.models.spec import NetworkSpec
 from medseg.models.unet import create_network
 from medseg.registry import Registry
@@ -141,7 +141,6 @@ def load_bundle(path: str | Path, *, device: str = "auto", checkpoint: str = "be
         DataError: Not a model folder of a known format, missing files, an unsafe or old checkpoint.
         ConfigError: An unknown device or checkpoint name.
     """
-    from medseg.errors import ConfigError
 
     path = Path(path)
     if checkpoint not in CHECKPOINTS:

@@ -12,6 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import monai
+import numpy
+import torch
+from matplotlib.figure import Figure
+
+from medseg._version import __version__
 from medseg.config import Config, config_hash, config_to_yaml
 from medseg.io._atomic import atomic_write, write_text_atomic
 
@@ -43,11 +49,6 @@ def git_commit() -> str | None:
 def environment(device: str, cfg: Config, world_size: int = 1) -> dict[str, Any]:
     """Versions, hardware and settings of a run (``env.json``); ``device`` is rank 0's device and
     ``world_size`` the number of training processes (1 without torchrun)."""
-    import monai
-    import numpy
-    import torch
-
-    from medseg._version import __version__
 
     env = {
         "medseg": __version__,
@@ -121,17 +122,14 @@ class MetricsCSV:
 
 def plot_curves(metrics: MetricsCSV, path: Path, structures: Sequence[str]) -> None:
     """``curves.png``: training loss and validation Dice per structure against the epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rows = metrics.rows()
     if not rows:
         return
     ep = [int(r["epoch"]) for r in rows]
     loss = [float(r["train_loss"]) for r in rows]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    a1, a2 = fig.subplots(1, 2)
     a1.plot(ep, loss, marker="o", ms=3)
     a1.set_xlabel("epoch")
     a1.set_ylabel("training loss")
@@ -155,4 +153,3 @@ def plot_curves(metrics: MetricsCSV, path: Path, structures: Sequence[str]) -> N
     fig.tight_layout()
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=100)
-    plt.close(fig)
