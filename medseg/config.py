@@ -152,7 +152,7 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    """Network architecture (used by training, issue #3)."""
+    """Network architecture (the plan records it with its strides resolved)."""
 
     name: str = "unet"
     channels: list[PositiveInt] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
@@ -164,7 +164,7 @@ class ModelConfig(Strict):
 
 
 class BorderWeightConfig(Strict):
-    """U-Net border-weight map (DESIGN §5)."""
+    """U-Net border-weight map (Ronneberger et al. 2015, eq. 2; sigma in mm)."""
 
     enabled: bool = True
     w0: NonNegativeFloat = 10.0
@@ -233,7 +233,7 @@ class TrainConfig(Strict):
 
 
 class PredictConfig(Strict):
-    """Sliding-window inference settings (used by prediction, issue #4)."""
+    """Sliding-window inference settings (``medseg predict`` and validation)."""
 
     overlap: float = Field(0.5, ge=0.0, lt=1.0)
     batch_size: PositiveInt = 2

@@ -35,7 +35,7 @@ window overlap, under the same allocator settings and torch thread count:
 
 Each contender runs in its own child process (this script with ``--child NAME``), started from this one
 run with the same environment: ``--allocator tuned`` sets ``MALLOC_MMAP_MAX_=0
-MALLOC_TRIM_THRESHOLD_=68719476736`` (DESIGN §11) for all children, ``default`` removes them;
+MALLOC_TRIM_THRESHOLD_=68719476736`` for all children (contenders are compared under one allocator setting), ``default`` removes them;
 ``torch.set_num_threads(--threads)`` in all. ``--repeats N`` runs every contender N times, each in a fresh
 process, in rotating order (a b c, b c a, c a b, ...) so that drift on a shared machine spreads evenly;
 the table gives the median seconds (and the minimum). The clock starts after the imports, before the run
@@ -64,7 +64,7 @@ volume
     of view (shape x spacing) near 384x384x240 mm to match the auto model's anatomy scale.
 
 nnunetv2 is a benchmark-only dependency: install it in a separate environment with a constraints file
-pinning torch, else pip replaces torch by a CUDA build (DESIGN §11)::
+pinning torch, else pip replaces torch by a CUDA build::
 
     python3.11 -m venv /work/bench-venv
     /work/bench-venv/bin/pip install torch==2.13.0

@@ -1,4 +1,4 @@
-"""Patch sampling with foreground oversampling (DESIGN §7).
+"""Patch sampling with foreground oversampling (a share of patches centred on a present class).
 
 A configurable share of the patches is centred on a voxel of a randomly chosen class *present* in
 the case, so small organs are seen; the rest are placed uniformly at random. Patches reaching past

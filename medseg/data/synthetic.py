@@ -1,7 +1,7 @@
 """Synthetic abdominal CT phantoms written as a real MSD / nnU-Net v2 raw dataset.
 
-The phantom is the project's embedded default data (DESIGN §10): every case is a *miniature torso*
-(in-plane scale about 0.2-0.4 of an adult, so the body is roughly 65-120 mm wide and a demo trains on a
+The phantom is the project's embedded default data, written as the real layouts are so that the demo
+runs the code paths a real dataset does: every case is a *miniature torso* (in-plane scale about 0.2-0.4 of an adult, so the body is roughly 65-120 mm wide and a demo trains on a
 CPU) with realistic CT numbers, anisotropic voxels, mixed storage orientations and varied anatomy:
 
 * air -1000 HU, subcutaneous fat about -100 HU, muscle about 45 HU, a bowel/visceral-fat mixture with
@@ -530,7 +530,6 @@ def make_ct_case(
     _paint_organs(cv, rng, body, cavity)
     _paint_spine_and_vessels(cv, rng, body)
 
-
     spacing = grid.spacing
     psf = [max(0.45 / float(s), 0.2) for s in spacing]  # ~0.45 mm in-plane PSF, thinner in z
     hu = ndi.gaussian_filter(cv.hu, psf, truncate=2.5)
@@ -617,7 +616,6 @@ def synth_ct(
         ``out``.
     """
 
-
     out = Path(out)
     n_test = num_test_cases(cases)
     n_train = cases - n_test
@@ -628,7 +626,6 @@ def synth_ct(
     dicom_cases = min(dicom_cases, n_test)
     generator = f"{__name__}.synth_ct"
     _prepare_out(out, ("imagesTr", "labelsTr", "imagesTs", "labelsTs", "dicomTs"), generator)
-
 
     training: list[dict[str, str]] = []
     test: list[dict[str, str]] = []

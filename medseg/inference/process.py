@@ -82,7 +82,7 @@ def tune_allocator() -> bool:
     ``scripts/bench_inference_memory.py``: 512×512×1000 predicted in 40 s instead of 69 s, for a peak
     about 20 % higher (docs/benchmarks.md). ``medseg predict`` calls this for its own process; it is
     not the default of the library because the same settings made a training step several times
-    slower (DESIGN §11). Set ``MEDSEG_MALLOC=default`` to leave the allocator alone. Returns whether
+    slower, because this VM returns freed memory to the host and every re-touched page then faults. Set ``MEDSEG_MALLOC=default`` to leave the allocator alone. Returns whether
     the settings were applied (False elsewhere than glibc).
     """
     libc = _libc()

@@ -1,6 +1,6 @@
 """Compound segmentation loss: ``λ_dice·SoftDice + λ_ce·(weighted CE or BCE) + λ_focal·focal``.
 
-Two output modes (DESIGN §4):
+Two output modes:
 
 * ``"softmax"`` (exclusive classes): logits ``(B, C+1, *spatial)`` with channel 0 = background,
   target = class indices; soft Dice on the softmax + cross-entropy.
@@ -9,7 +9,7 @@ Two output modes (DESIGN §4):
 
 Why the CE/BCE/focal reductions are written here rather than taken from MONAI: ``monai.losses.DiceCELoss``
 and ``DiceFocalLoss`` have no per-voxel weight map, and the border weight map of Ronneberger et al. (2015,
-eq. 2; :mod:`medseg.losses.weight_maps`, DESIGN §5) must enter as a normalised weighted mean
+eq. 2; :mod:`medseg.losses.weight_maps`) must enter as a normalised weighted mean
 ``sum(w * ce) / sum(w)``. The per-voxel focal terms come from MONAI (``softmax_focal_loss`` and
 ``sigmoid_focal_loss``), but not :class:`monai.losses.FocalLoss` itself: its ``"mean"`` reduction also
 averages over the class channels, so in softmax mode ``gamma=0`` gives ``CE / C`` instead of CE, and it

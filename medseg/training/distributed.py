@@ -1,4 +1,4 @@
-"""Multi-process training with PyTorch DDP, launched by ``torchrun`` (DESIGN §7, docs/training.md).
+"""Multi-process training with PyTorch DDP, launched by ``torchrun`` (docs/training.md).
 
 A run is distributed when the launcher sets ``WORLD_SIZE`` > 1 (with ``RANK`` and ``LOCAL_RANK``), as
 ``torchrun`` does; otherwise everything here is a no-op and training runs exactly as a single process

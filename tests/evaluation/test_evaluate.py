@@ -1,6 +1,6 @@
 """``medseg evaluate``: phantoms with hand-computed answers, layouts, refusals, the CLI and real scans.
 
-Known answers (STYLE §11): a 4x4x4 cube at 1 x 1 x 2.5 mm is 64 * 2.5 / 1000 = 0.16 mL; shifting it by
+Known answers: a 4x4x4 cube at 1 x 1 x 2.5 mm is 64 * 2.5 / 1000 = 0.16 mL; shifting it by
 one voxel leaves 48 shared voxels, so Dice = 2 * 48 / 128 = 0.75.
 """
 

@@ -1,6 +1,6 @@
 """Overlap counts, Dice, volumes in mL and border contact: known answers, naive references, errors.
 
-Known answers (STYLE §11): a 4x4x4 cube at 1 x 1 x 2.5 mm is 64 * 2.5 / 1000 = 0.16 mL; shifting it
+Known answers: a 4x4x4 cube at 1 x 1 x 2.5 mm is 64 * 2.5 / 1000 = 0.16 mL; shifting it
 one voxel leaves 48 shared voxels, so Dice = 2 * 48 / (64 + 64) = 0.75.
 """
 
