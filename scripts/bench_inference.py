@@ -33,10 +33,11 @@ window overlap, under the same allocator settings and torch thread count:
     separate-z for anisotropic spacing) of the logits to the cropped original grid, argmax, un-crop,
     reorient and the same writer as (b).
 
-Each contender runs in its own child process (this script with ``--child NAME``), started from this one
-run with the same environment: ``--allocator tuned`` sets ``MALLOC_MMAP_MAX_=0
-MALLOC_TRIM_THRESHOLD_=68719476736`` for all children (contenders are compared under one allocator setting), ``default`` removes them;
-``torch.set_num_threads(--threads)`` in all. ``--repeats N`` runs every contender N times, each in a fresh
+Each contender runs in its own child process (this script with ``--child NAME``), started from this one run
+with the same environment: ``--allocator tuned`` sets ``MALLOC_MMAP_MAX_=0
+MALLOC_TRIM_THRESHOLD_=68719476736`` for all children (contenders are compared under one allocator setting),
+``default`` removes them; ``torch.set_num_threads(--threads)`` in all. ``--repeats N`` runs every contender
+N times, each in a fresh
 process, in rotating order (a b c, b c a, c a b, ...) so that drift on a shared machine spreads evenly;
 the table gives the median seconds (and the minimum). The clock starts after the imports, before the run
 directory is loaded. A child reports its own peak RSS (``VmHWM`` by

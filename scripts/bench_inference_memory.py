@@ -17,9 +17,9 @@ Every child first sets the allocator as ``medseg predict`` does for its process
 (:func:`medseg.inference.process.tune_allocator`); with ``MEDSEG_MALLOC=default`` in the environment
 all children keep glibc's defaults.
 
-The network has random weights (memory does not depend on them) and ``--classes`` outputs. Targets
-(the inference memory goal): 512×512×1000 costs ≤ 1.3× the peak of 512×512×250; a 20-class model on 512×512×600 stays
-under 6 GB. Writes a markdown table to ``--out``.
+The network has random weights (memory does not depend on them) and ``--classes`` outputs. Targets (the
+inference memory goal): 512×512×1000 costs ≤ 1.3× the peak of 512×512×250; a 20-class model on 512×512×600
+stays under 6 GB. Writes a markdown table to ``--out``.
 
     python scripts/bench_inference_memory.py --slices 250 1000 --inputs nifti dicom sagittal --loaded
 """

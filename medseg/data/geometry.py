@@ -1,12 +1,12 @@
 """Invertible geometric steps of preprocessing: canonical reorientation, resampling, cropping.
 
-Each forward step returns the data on its new grid together with the new voxel->world affine, so
-that prediction can undo every step exactly (a prediction must lie on the input's own grid).
-Resampling follows nnU-Net/scikit-image semantics: the new grid covers the same field of view (voxel *edges* are preserved), i.e. voxel
-``i`` of the new grid sits at old index ``(i + 0.5) * old/new - 0.5``. ``torch.nn.functional.
-interpolate(..., align_corners=False)`` implements exactly this mapping and is multithreaded, which
-is why it is used instead of scipy here. Label maps are resampled per class (linear interpolation of
-each class's indicator, then argmax), never with nearest neighbour.
+Each forward step returns the data on its new grid together with the new voxel->world affine, so that
+prediction can undo every step exactly (a prediction must lie on the input's own grid). Resampling follows
+nnU-Net/scikit-image semantics: the new grid covers the same field of view (voxel *edges* are preserved),
+i.e. voxel ``i`` of the new grid sits at old index ``(i + 0.5) * old/new - 0.5``. ``torch.nn.functional.
+interpolate(..., align_corners=False)`` implements exactly this mapping and is multithreaded, which is why
+it is used instead of scipy here. Label maps are resampled per class (linear interpolation of each class's
+indicator, then argmax), never with nearest neighbour.
 """
 
 from __future__ import annotations

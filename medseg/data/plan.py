@@ -178,7 +178,6 @@ def compute_fingerprint(
 ) -> Fingerprint:
     """Read every training case once: spacing, shape (canonical orientation) and foreground intensities."""
 
-
     rng = np.random.default_rng(seed)
     spacings, shapes = [], []
     samples: list[list[np.ndarray]] = []

@@ -1,8 +1,9 @@
 """Synthetic abdominal CT phantoms written as a real MSD / nnU-Net v2 raw dataset.
 
-The phantom is the project's embedded default data, written as the real layouts are so that the demo
-runs the code paths a real dataset does: every case is a *miniature torso* (in-plane scale about 0.2-0.4 of an adult, so the body is roughly 65-120 mm wide and a demo trains on a
-CPU) with realistic CT numbers, anisotropic voxels, mixed storage orientations and varied anatomy:
+The phantom is the project's embedded default data, written as the real layouts are so that the demo runs
+the code paths a real dataset does: every case is a *miniature torso* (in-plane scale about 0.2-0.4 of an
+adult, so the body is roughly 65-120 mm wide and a demo trains on a CPU) with realistic CT numbers,
+anisotropic voxels, mixed storage orientations and varied anatomy:
 
 * air -1000 HU, subcutaneous fat about -100 HU, muscle about 45 HU, a bowel/visceral-fat mixture with
   gas pockets, lung bases about -850 HU, stomach with a gas cap, heart, ribs about 600 HU;

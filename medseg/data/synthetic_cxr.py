@@ -242,7 +242,6 @@ def synth_chest_xray(
         ``out``.
     """
 
-
     if size < 32:
         raise DataError(f"size must be at least 32 pixels, got {size}")
     out = Path(out)

@@ -22,6 +22,7 @@ from medseg.io._atomic import atomic_write
 
 __all__ = ["Manifest", "row_key"]
 
+
 def row_key(row: dict[str, Any]) -> tuple[str, str]:
     """Rows are matched by case name and input (a list of channel files is one input)."""
     return str(row.get("case")), str(row.get("input"))

@@ -76,14 +76,13 @@ def peak_rss_bytes() -> int:
 def tune_allocator() -> bool:
     """Keep freed memory in the process for reuse (glibc): no ``mmap`` for large blocks, no trimming.
 
-    On this kind of VM every fresh page costs a fault (freed memory goes back to the host, ≈ 2 s/GiB
-    to touch again), and sliding-window inference allocates and frees window-sized tensors
-    thousands of times; with glibc's defaults each large one is a fresh ``mmap``. Measured with
-    ``scripts/bench_inference_memory.py``: 512×512×1000 predicted in 40 s instead of 69 s, for a peak
-    about 20 % higher (docs/benchmarks.md). ``medseg predict`` calls this for its own process; it is
-    not the default of the library because the same settings made a training step several times
-    slower, because this VM returns freed memory to the host and every re-touched page then faults. Set ``MEDSEG_MALLOC=default`` to leave the allocator alone. Returns whether
-    the settings were applied (False elsewhere than glibc).
+    On this kind of VM every fresh page costs a fault (freed memory goes back to the host, ≈ 2 s/GiB to
+    touch again), and sliding-window inference allocates and frees window-sized tensors thousands of times;
+    with glibc's defaults each large one is a fresh ``mmap``. Measured with
+    ``scripts/bench_inference_memory.py``: 512×512×1000 predicted in 40 s instead of 69 s, for a peak about
+    20 % higher (docs/benchmarks.md). ``medseg predict`` calls this for its own process; it is not the
+    default of the library because the same settings made a training step several times slower. Set
+    ``MEDSEG_MALLOC=default`` to leave the allocator alone. Returns whether the settings were applied (False elsewhere than glibc).
     """
     libc = _libc()
     if os.environ.get("MEDSEG_MALLOC", "").lower() == "default" or libc is None:
