@@ -82,7 +82,8 @@ def tune_allocator() -> bool:
     ``scripts/bench_inference_memory.py``: 512×512×1000 predicted in 40 s instead of 69 s, for a peak about
     20 % higher (docs/benchmarks.md). ``medseg predict`` calls this for its own process; it is not the
     default of the library because the same settings made a training step several times slower. Set
-    ``MEDSEG_MALLOC=default`` to leave the allocator alone. Returns whether the settings were applied (False elsewhere than glibc).
+    ``MEDSEG_MALLOC=default`` to leave the allocator alone. Returns whether the settings were applied
+    (False elsewhere than glibc).
     """
     libc = _libc()
     if os.environ.get("MEDSEG_MALLOC", "").lower() == "default" or libc is None:
