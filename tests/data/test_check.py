@@ -190,11 +190,10 @@ def test_each_file_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         return real(path, **kw)
 
     from medseg.data import check as check_module
-    from medseg.data import datasets as datasets_module
+    from medseg.data.datasets import read as read_module
 
-    for module in (check_module, datasets_module):
-        if hasattr(module, "load_volume"):
-            monkeypatch.setattr(module, "load_volume", counting)
+    for module in (check_module, read_module):  # every place that reads a dataset's files
+        monkeypatch.setattr(module, "load_volume", counting)
     report = check_dataset(dataset_from_folder(root))
     assert report.exit_code == 0
     assert len(calls) == 9 and len(set(calls)) == 9
