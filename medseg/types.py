@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from medseg.errors import DataError
+
 AXCODES_FLIP = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
 
 
@@ -35,6 +37,11 @@ class Volume:
             have ``C == 1`` and an integer dtype.
         affine: 4x4 voxel-to-world matrix (RAS+, mm), float64.
         meta: Free-form metadata, e.g. ``source`` path, ``modality``, DICOM ``series_uid``.
+
+    Raises:
+        ValueError: ``affine`` is not 4x4, or ``array`` has neither 3 nor 4 dimensions.
+        DataError: ``affine`` cannot map voxels to the world (see :func:`affine_problem`); the message
+            names ``meta['source']``.
     """
 
     array: np.ndarray
@@ -49,6 +56,16 @@ class Volume:
             raise ValueError(
                 f"Volume.array must be (C, X, Y) or (C, X, Y, Z), got {self.array.ndim} dimensions "
                 f"with shape {self.array.shape}"
+            )
+        problem = affine_problem(affine, self.array.ndim - 1)
+        if problem is not None:
+            source = self.meta.get("source") if isinstance(self.meta, Mapping) else None
+            if isinstance(source, list | tuple):
+                source = ", ".join(str(s) for s in source)
+            raise DataError(
+                f"{source or 'Volume'}: the voxel-to-world affine {problem}; expected finite values and "
+                "non-zero voxel axes pointing in independent directions. Fix the geometry in the file's "
+                "header (spacing, direction, origin) and export it again."
             )
         object.__setattr__(self, "affine", affine)
 
@@ -87,7 +104,14 @@ class Volume:
     def orientation(self) -> str:
         """Orientation code such as ``RAS``/``LPS`` (nibabel's ``aff2axcodes``: the world direction
         each voxel axis points *towards*). For 2D volumes only two letters."""
-        return orientation_code(self.affine)[: self.spatial_dims]
+        affine = self.affine
+        if self.spatial_dims == 2 and affine_problem(affine, 3) is not None:
+            # the grid does not use the third column; when it is degenerate (zero, or parallel to the
+            # pixel axes) the plane's normal stands in for it, so that both pixel axes get a letter
+            affine = affine.copy()
+            normal = np.cross(affine[:3, 0], affine[:3, 1])
+            affine[:3, 2] = normal / np.linalg.norm(normal)
+        return orientation_code(affine)[: self.spatial_dims]
 
     def with_array(self, array: np.ndarray, **meta: Any) -> Volume:
         """A new Volume on the same grid with another array (and updated meta)."""
@@ -101,6 +125,33 @@ class Volume:
         if ijk.shape[1] == 2:
             ijk = np.concatenate([ijk, np.zeros((len(ijk), 1))], axis=1)
         return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+
+def affine_problem(affine: np.ndarray, spatial_dims: int = 3) -> str | None:
+    """What makes ``affine`` unusable as a voxel-to-world matrix, or None when it is usable.
+
+    Checked: every value finite; each voxel axis of the grid (the first ``spatial_dims`` columns) has a
+    non-zero length (spacing); and those axes point in independent directions (the direction part is
+    non-singular). For 2D volumes the third column is a slice normal that the grid does not use, so it
+    is not checked. The test is scale-free: tiny and huge spacings pass, parallel axes do not.
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    if not np.all(np.isfinite(a)):
+        bad = [f"[{i}, {j}]" for i, j in zip(*np.nonzero(~np.isfinite(a)), strict=True)]
+        more = " ..." if len(bad) > 4 else ""
+        return f"has non-finite values (NaN or infinity at {', '.join(bad[:4])}{more})"
+    axes = a[:3, :spatial_dims]
+    with np.errstate(over="ignore"):
+        spacing = np.linalg.norm(axes, axis=0)
+    zero = [i for i, s in enumerate(spacing) if s == 0]
+    if zero:
+        return f"has zero spacing along voxel axis {', '.join(str(i) for i in zero)} (a zero column)"
+    if not np.all(np.isfinite(spacing)):
+        return f"has a spacing too large to compute ({a[:3, :spatial_dims].tolist()})"
+    # smallest singular value of the unit axes: 0 for parallel axes, 1 for orthogonal ones
+    if np.linalg.svd(axes / spacing, compute_uv=False)[-1] < 1e-6:
+        return f"is singular: its voxel axes are parallel ({np.round(axes, 6).tolist()})"
+    return None
 
 
 def orientation_code(affine: np.ndarray) -> str:

@@ -42,3 +42,39 @@ def test_same_physical_grid_ignores_storage_order() -> None:
     shifted[0, 3] = 0.01
     assert not same_physical_grid(shape, a, shape, shifted, atol_mm=1e-3)
     assert not same_physical_grid(shape, a, (4, 3, 6), a)
+
+
+@pytest.mark.parametrize(
+    ("column", "problem"),
+    [
+        ([0.0, 0.0, 0.0], r"zero spacing along voxel axis 1"),
+        ([2.0, 0.0, 0.0], r"singular: its voxel axes are parallel"),
+        ([np.nan, 1.0, 0.0], r"non-finite values \(NaN or infinity at \[0, 1\]\)"),
+    ],
+)
+def test_volume_refuses_an_affine_that_maps_no_grid(column: list[float], problem: str) -> None:
+    """A zero, singular or non-finite affine is a DataError naming the volume's source and the problem."""
+    from medseg.errors import DataError
+
+    aff = np.diag([1.0, 1.0, 2.5, 1.0])
+    aff[:3, 1] = column
+    with pytest.raises(
+        DataError, match=rf"^scan\.nrrd: the voxel-to-world affine (has|is) {problem}.*Fix the geometry"
+    ):
+        Volume(np.zeros((1, 2, 2, 2)), aff, {"source": "scan.nrrd"})
+    with pytest.raises(DataError, match=rf"^a\.nii, b\.nii: .*{problem}"):
+        Volume(np.zeros((1, 2, 2, 2)), aff, {"source": ["a.nii", "b.nii"]})
+
+
+def test_2d_volume_checks_only_its_pixel_axes() -> None:
+    """A 2D grid uses the first two columns; a degenerate third column is allowed and the orientation
+    code still has a letter for each pixel axis."""
+    from medseg.errors import DataError
+    from medseg.types import affine_problem
+
+    coronal = np.array([[0.5, 0, 0, 0], [0, 0, 0, 0], [0, 0.7, 0, 0], [0, 0, 0, 1.0]])  # third column zero
+    vol = Volume(np.zeros((1, 5, 4)), coronal)
+    assert vol.orientation == "RS" and vol.spacing_mm == (0.5, 0.7)
+    assert affine_problem(coronal, 2) is None and "zero spacing" in affine_problem(coronal, 3)
+    with pytest.raises(DataError, match="parallel"):
+        Volume(np.zeros((1, 5, 4)), np.array([[1.0, 3, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1]]))

@@ -61,8 +61,10 @@ def load_volume(path: str | Path, *, series_uid: str | None = None) -> Volume:
         series_uid: For folders holding several DICOM series, which one to read.
 
     Raises:
-        DataError: The file does not exist, has an unknown format or cannot be read; the message
-            names the file and what to do.
+        DataError: The file does not exist, has an unknown format or cannot be read, its header
+            declares more voxels than the file holds or than fit in the available memory (checked
+            before the voxels are allocated), or its voxel-to-world affine is unusable (non-finite,
+            zero or singular); the message names the file and what to do.
     """
     from medseg.io.image2d import is_raster, read_raster
     from medseg.io.itkfile import is_itk_file, read_itk_file

@@ -7,13 +7,105 @@ volumes are ``(C, X, Y, Z)`` with a RAS+ affine (see :mod:`medseg.types`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medseg.errors import DataError
+from medseg.io._limits import available_memory, check_memory, declared_bytes, describe_shape
 from medseg.types import Volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: Component types of SimpleITK pixel IDs (scalar ``sitkX`` and vector ``sitkVectorX``).
+_COMPONENT_DTYPES = {
+    "UInt8": np.uint8,
+    "Int8": np.int8,
+    "UInt16": np.uint16,
+    "Int16": np.int16,
+    "UInt32": np.uint32,
+    "Int32": np.int32,
+    "UInt64": np.uint64,
+    "Int64": np.int64,
+    "Float32": np.float32,
+    "Float64": np.float64,
+    "ComplexFloat32": np.complex64,
+    "ComplexFloat64": np.complex128,
+}
+
+
+def _component_dtype(pixel_id: int) -> np.dtype:
+    """numpy dtype of one pixel component of a SimpleITK pixel ID (float64 for types not listed)."""
+    import SimpleITK as sitk
+
+    for name, dtype in _COMPONENT_DTYPES.items():
+        if pixel_id in (getattr(sitk, f"sitk{name}", None), getattr(sitk, f"sitkVector{name}", None)):
+            return np.dtype(dtype)
+    return np.dtype(np.float64)
+
+
+def _last_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
+#: A check run on the declared size before the pixels are read: ``(path, shape, dtype)``, where shape is
+#: ITK's size (x, y[, z]) plus the component count when there are several; raises DataError.
+DataCheck = Callable[[Path, tuple[int, ...], np.dtype], None]
+
+
+def read_sitk_image(
+    path: Path, *, what: str, check: DataCheck | None = None, explain: Callable[[str], str] | None = None
+) -> Any:
+    """Read a file with SimpleITK, refusing before the pixel buffer is allocated an image whose declared
+    size does not fit in memory (the image and its numpy copy are held at once) or that ``check`` finds
+    the file cannot hold.
+
+    ITK allocates, and for most formats zero-fills, the image its header declares before it reads the
+    pixels, and some readers (MetaImage with compressed data) return an image even when the data end
+    early; hence the header is read first (``ReadImageInformation``) and checked.
+
+    Args:
+        path: The file.
+        what: What the file was expected to be, for messages (e.g. ``"NRRD/MetaImage"``).
+        check: Format-specific check of the file's length against the declared size.
+        explain: Builds the message for a file SimpleITK cannot read from its reason (ITK's last line);
+            by default ``"{path}: cannot read as {what} ({reason})"``.
+
+    Raises:
+        DataError: The file cannot be parsed or decoded, or a size check fails; the message names it.
+    """
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+
+    def failed(exc: BaseException) -> DataError:
+        reason = _last_line(exc)
+        return DataError(explain(reason) if explain else f"{path}: cannot read as {what} ({reason})")
+
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise failed(exc) from exc
+    size = tuple(int(s) for s in reader.GetSize())
+    ncomp = int(reader.GetNumberOfComponents())
+    shape = size + ((ncomp,) if ncomp > 1 else ())
+    dtype = _component_dtype(reader.GetPixelID())
+    check_memory(path, shape, dtype, copies=2)
+    if check is not None:
+        check(path, shape, dtype)
+    try:
+        return reader.Execute()
+    except (MemoryError, RuntimeError) as exc:
+        if isinstance(exc, MemoryError) or "bad_alloc" in str(exc):  # C++ allocation failures
+            raise DataError(
+                f"{path}: out of memory reading the {describe_shape(shape, dtype)} image "
+                f"({declared_bytes(shape, dtype.itemsize)} bytes; {available_memory()} bytes were "
+                "available). Free memory or use a machine with more."
+            ) from exc
+        raise failed(exc) from exc
 
 
 def sitk_affine(img: Any) -> np.ndarray:
@@ -36,15 +128,16 @@ def sitk_to_volume(img: Any, *, meta: dict[str, Any] | None = None, pixel_frame_
     """
     import SimpleITK as sitk
 
-    arr = sitk.GetArrayFromImage(img)
+    # a view, copied once by the transpose below (GetArrayFromImage would add a second copy)
+    arr = sitk.GetArrayViewFromImage(img)
     ncomp = img.GetNumberOfComponentsPerPixel()
     dim = img.GetDimension()
     if ncomp > 1:  # (..., C) -> (C, ...)
         arr = np.moveaxis(arr, -1, 0)
     else:
         arr = arr[None]
-    # (C, Z, Y, X) -> (C, X, Y, Z)
-    arr = np.ascontiguousarray(np.transpose(arr, (0, *range(arr.ndim - 1, 0, -1))))
+    # (C, Z, Y, X) -> (C, X, Y, Z); always a copy, as the view dies with the image
+    arr = np.array(np.transpose(arr, (0, *range(arr.ndim - 1, 0, -1))), order="C", copy=True)
     if dim == 3:
         affine = sitk_affine(img)
     elif dim == 2:

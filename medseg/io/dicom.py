@@ -29,6 +29,13 @@ Who does what:
     angular tolerance alone would be wrong both ways: header rounding over a 1 mm stack looks like
     hundredths of a degree, while 0.05 degrees over a 500 mm CT shifts the last slice by 0.4 mm.)
 
+Before GDCM decodes a file, its structure is checked with pydicom (GDCM allocates what a header
+declares before it notices that the file holds less): every element must end inside the file, the
+pixel data must be stored as the transfer syntax says, uncompressed pixel data must be as long as
+Rows x Columns x frames promise, RLE data long enough to expand to them, and the declared image must
+fit in the available memory. Header values are converted when the header is read, so that a corrupt
+element is reported with the file's name.
+
 Series discovery (:func:`list_dicom_series`) looks at the files directly inside the folder, **not
 recursively** (a nested export is reported with the names of the sub-folders that hold DICOM files):
 this keeps "one folder = the series I pointed at" predictable, and avoids merging copies of the same
@@ -52,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import DataError
+from medseg.io._limits import check_memory
 from medseg.io._slabs import CHUNK_BYTES, NotStreamable, RawSlabs, temp_raw_file
 from medseg.types import Volume
 
@@ -132,13 +140,63 @@ class _Plane:
 def _read_header(path: Path) -> Any | None:
     """pydicom dataset without pixel data, or None if ``path`` is not a DICOM file."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        logger.debug("skipping %s: not readable as DICOM (%s)", path, exc)
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        _convert_all(ds, path)
+        return ds
+    except MemoryError as exc:
+        raise DataError(
+            f"{path}: out of memory parsing the DICOM header; its element lengths are corrupt"
+        ) from exc
+    except Exception as exc:  # pydicom raises many types for corrupt files (BytesLengthException, ...)
+        logger.debug("skipping %s: not readable as DICOM (%s: %s)", path, type(exc).__name__, exc)
         return None
+
+
+def _convert_all(ds: Any, path: Path) -> None:
+    """Convert every standard element of ``ds`` (in sequences too) and of its file meta information now.
+
+    pydicom converts values on first access, so a corrupt element would otherwise raise wherever it is
+    first read, with a message that names no file. An element whose value cannot be converted (e.g. a
+    length that does not fit its VR) is dropped, as if absent: a file with a broken element that is
+    never read still loads, and one whose Rows or ImagePositionPatient is broken is refused as lacking
+    it. An unknown VR, or any error in the file meta information, means the byte stream itself is
+    corrupt: that raises, and the file is not handed to GDCM, which can misread such a file badly enough
+    to allocate gigabytes. Private elements, which this module never reads and which make up most of a
+    vendor's header, are left as they are. Validation warnings are silenced meanwhile: the values this
+    module reads are checked where they are used.
+    """
+    from pydicom import config
+
+    def convert(dataset: Any, strict: bool) -> None:
+        for tag in list(dataset.keys()):
+            if tag.is_private:
+                continue
+            try:
+                elem = dataset[tag]
+            except NotImplementedError:  # pydicom: "Unknown Value Representation"
+                raise
+            except Exception as exc:  # pydicom raises many types for corrupt values
+                if strict:
+                    raise
+                logger.debug(
+                    "%s: ignoring unreadable element %s (%s: %s)", path, tag, type(exc).__name__, exc
+                )
+                del dataset[tag]
+                continue
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    convert(item, strict)
+
+    mode = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.IGNORE
+    try:
+        convert(ds, strict=False)
+        if getattr(ds, "file_meta", None) is not None:
+            convert(ds.file_meta, strict=True)
+    finally:
+        config.settings.reading_validation_mode = mode
 
 
 def _text(ds: Any, keyword: str) -> str:
@@ -154,6 +212,20 @@ def _floats(value: Any, n: int, *, where: str, keyword: str) -> np.ndarray:
     if out.shape != (n,) or not np.all(np.isfinite(out)):
         raise DataError(f"{where}: {keyword} must have {n} finite numbers, found {value!r}")
     return out
+
+
+def _whole(ds: Any, keyword: str, default: int | None = None, *, where: str | Path) -> int:
+    """The whole number ``ds.<keyword>`` (``default`` when absent or empty); DataError for anything else
+    (several values, a non-number), naming the file."""
+    value = ds.get(keyword, default)
+    value = default if value in (None, "") else value
+    try:
+        return int(value)  # TypeError for several values (pydicom MultiValue)
+    except (TypeError, ValueError) as exc:
+        raise DataError(
+            f"{where}: {keyword} must be one whole number, found {value!r}; the header is corrupt (export "
+            "the file again)"
+        ) from exc
 
 
 def _n_frames(ds: Any) -> int:
@@ -173,23 +245,28 @@ def _is_projection(ds: Any) -> bool:
         return True
     if "ImagePositionPatient" in ds:
         return False
-    pf = ds.get("PerFrameFunctionalGroupsSequence")
-    sh = ds.get("SharedFunctionalGroupsSequence")
+    from pydicom.sequence import Sequence as DicomSequence
+
+    groups = (ds.get("PerFrameFunctionalGroupsSequence"), ds.get("SharedFunctionalGroupsSequence"))
     has_plane = any(
-        seq is not None and len(seq) > 0 and "PlanePositionSequence" in seq[0] for seq in (pf, sh)
+        isinstance(seq, DicomSequence) and len(seq) > 0 and "PlanePositionSequence" in seq[0]
+        for seq in groups
     )
     return not has_plane
 
 
 def _group_item(ds: Any, frame: int, sequence: str) -> Any | None:
-    """First item of functional-group ``sequence`` for ``frame`` (per-frame first, then shared)."""
+    """First item of functional-group ``sequence`` for ``frame`` (per-frame first, then shared); None
+    when absent or when a corrupt header holds something other than a sequence there."""
+    from pydicom.sequence import Sequence as DicomSequence
+
     for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
         seq = ds.get(groups)
-        if seq is None or len(seq) <= index:
+        if not isinstance(seq, DicomSequence) or len(seq) <= index:
             continue
-        item = seq[index]
-        if sequence in item and len(item[sequence].value) > 0:
-            return item[sequence].value[0]
+        value = seq[index].get(sequence)
+        if isinstance(value, DicomSequence) and len(value) > 0:
+            return value[0]
     return None
 
 
@@ -509,21 +586,134 @@ def _stack_geometry(planes: Sequence[_Plane], *, where: str) -> tuple[np.ndarray
 # pixel data
 
 
-def _check_native_length(path: Path, ds: Any) -> None:
-    """Refuse uncompressed pixel data shorter than the header promises: GDCM decodes such files
-    without complaint, filling the missing pixels with whatever follows in memory."""
-    import pydicom
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+#: PixelData, FloatPixelData, DoubleFloatPixelData
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+
+
+def _transfer_syntax(path: Path, ds: Any) -> tuple[Any, bool, bool]:
+    """The file's transfer syntax UID (None when absent) and whether it is compressed and deflated."""
+    from pydicom.uid import UID
 
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    if ts is None or ts.is_compressed:
+    if ts is None:
+        return None, False, False
+    try:
+        if not isinstance(ts, UID):  # e.g. several values
+            raise ValueError(f"{ts!r} is not one UID")
+        return ts, bool(ts.is_compressed), bool(ts.is_deflated)
+    except ValueError as exc:  # pydicom: "UID is not a transfer syntax"
+        raise DataError(
+            f"{path}: the file meta information names {str(ts)!r} as its transfer syntax, which is not a "
+            "DICOM transfer syntax UID (expected e.g. 1.2.840.10008.1.2.1, Explicit VR Little Endian); the "
+            "file is corrupt. Copy or export it again."
+        ) from exc
+
+
+#: DICOM RLE expands at most 64:1: its longest run, 128 equal bytes, costs two bytes.
+_RLE_MAX_RATIO = 64
+_RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+
+
+def _check_fragments(path: Path, ds: Any, ts: Any, start: int, size: int) -> None:
+    """Refuse encapsulated pixel data whose items run past the end of the file or lack the closing
+    delimiter (GDCM reads what the item lengths say), and RLE data too short for the image the header
+    declares (GDCM allocates the declared image first)."""
+    import struct
+
+    pos, total = start, 0
+    with open(path, "rb") as fh:
+        while True:
+            fh.seek(pos)
+            head = fh.read(8)
+            if len(head) < 8:
+                raise DataError(
+                    f"{path}: the compressed pixel data end without their closing delimiter (at byte {pos}); "
+                    "the file is truncated. Copy or export it again."
+                )
+            group, element, length = struct.unpack("<HHI", head)
+            if (group, element) == (0xFFFE, 0xE0DD):  # sequence delimiter
+                break
+            if (group, element) != (0xFFFE, 0xE000) or pos + 8 + length > size:
+                raise DataError(
+                    f"{path}: the compressed pixel data are corrupt at byte {pos} (expected an item of at "
+                    f"most {size - pos - 8} bytes, found tag ({group:04X},{element:04X}) with length "
+                    f"{length}). Copy or export the file again."
+                )
+            pos, total = pos + 8 + length, total + length
+    if str(ts) != _RLE_LOSSLESS:
         return
     try:
-        elem = pydicom.dcmread(str(path), defer_size=1024).get_item("PixelData")
-    except Exception:  # unreadable files are reported by the decoder below
+        samples = int(ds.Rows) * int(ds.Columns) * _n_frames(ds) * int(ds.get("SamplesPerPixel", 1) or 1)
+        need = samples * ((int(ds.BitsAllocated) + 7) // 8)
+    except (AttributeError, TypeError, ValueError):
         return
-    if elem is None:
+    if need > _RLE_MAX_RATIO * total:
+        raise DataError(
+            f"{path}: the header declares {ds.Rows} x {ds.Columns} pixels x {_n_frames(ds)} frame(s) "
+            f"({need} bytes), but its {total} bytes of RLE data decode to at most {_RLE_MAX_RATIO * total} "
+            "bytes: the file is truncated or its header is corrupt. Copy or export it again."
+        )
+
+
+def _check_pixel_data(path: Path, ds: Any) -> None:
+    """Refuse files whose structure GDCM would trust before allocating: an element whose length runs past
+    the end of the file (GDCM allocates and reads that length), pixel data stored unlike the transfer
+    syntax says (native bytes under a compressed syntax or the reverse), and uncompressed pixel data
+    shorter than the header promises (GDCM decodes those without complaint, filling the missing
+    pixels with whatever follows in memory)."""
+    import pydicom
+
+    ts, compressed, deflated = _transfer_syntax(path, ds)
+    if deflated:  # element offsets refer to the inflated stream, not to the file
+        return
+    try:
+        full = pydicom.dcmread(str(path), defer_size=1024)
+        # get_item keeps elements raw (with their declared length and position) and deferred values unread
+        try:
+            elements = [full.get_item(tag, keep_deferred=True) for tag in full.keys()]
+        except TypeError:  # pydicom < 3 has no keep_deferred (it reads what the file holds)
+            elements = [full.get_item(tag) for tag in full.keys()]
+    except MemoryError as exc:
+        raise DataError(
+            f"{path}: out of memory parsing the DICOM file; its element lengths are corrupt"
+        ) from exc
+    except Exception as exc:  # pydicom raises many types for corrupt files
+        raise DataError(
+            f"{path}: the DICOM file cannot be parsed to its end ({type(exc).__name__}: {exc}); it is "
+            "truncated or corrupt. Copy or export it again."
+        ) from exc
+    size = path.stat().st_size
+    for elem in elements:
+        tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
+        if tell is None or length is None or length == _UNDEFINED_LENGTH:
+            continue
+        if tell + length > size:
+            raise DataError(
+                f"{path}: element {elem.tag} declares {length} bytes from byte {tell}, but the file ends at "
+                f"byte {size}: the file is truncated or corrupt. Copy or export it again."
+            )
+    if not any(e.tag in _PIXEL_TAGS for e in elements):
+        # pydicom drops what it cannot finish reading: encapsulated pixel data cut short leave nothing
+        raise DataError(
+            f"{path}: no pixel data found when the whole file is read (its header describes an image of "
+            f"{ds.get('Rows', '?')} x {ds.get('Columns', '?')} pixels); the file is truncated or corrupt. "
+            "Copy or export it again."
+        )
+    elem = next((e for e in elements if e.tag == 0x7FE00010), None)  # PixelData
+    if elem is None:  # float pixel data: stored as they are, no length rule checked here
         return
     length = elem.length if hasattr(elem, "length") else len(elem.value or b"")
+    if ts is not None and compressed != (length == _UNDEFINED_LENGTH):
+        raise DataError(
+            f"{path}: the transfer syntax {getattr(ts, 'name', ts)} says the pixel data are "
+            f"{'compressed' if compressed else 'uncompressed'}, but they are stored "
+            f"{'as plain bytes' if compressed else 'encapsulated (compressed fragments)'}; the file is "
+            "corrupt. Copy or export it again."
+        )
+    if compressed:
+        _check_fragments(path, ds, ts, int(elem.value_tell), size)
+        return
     try:
         n_values = int(ds.Rows) * int(ds.Columns) * _n_frames(ds) * int(ds.get("SamplesPerPixel", 1) or 1)
         bits = int(ds.BitsAllocated)
@@ -542,17 +732,20 @@ def _read_pixels(path: Path, ds: Any) -> np.ndarray:
     """Decoded, rescaled pixels of one file as SimpleITK gives them: ``(F, Y, X)`` or ``(F, Y, X, C)``."""
     import SimpleITK as sitk
 
-    _check_native_length(path, ds)
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
+    from medseg.io._sitk import read_sitk_image
+
+    def explain(reason: str) -> str:
         ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
         ts_name = getattr(ts, "name", str(ts)) if ts is not None else "unknown"
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise DataError(
+        return (
             f"{path}: cannot decode the pixel data (transfer syntax {ts_name}): {reason}. The file may be "
             "truncated or use a compression GDCM cannot decode; try `gdcmconv --raw` or dcm2niix."
-        ) from exc
+        )
+
+    # before SimpleITK sees the file: GDCM allocates what corrupt element lengths declare while it
+    # merely probes the file (ReadImageInformation)
+    _check_pixel_data(path, ds)
+    img = read_sitk_image(path, what="DICOM", explain=explain)
     arr = sitk.GetArrayFromImage(img)
     ncomp = img.GetNumberOfComponentsPerPixel()
     spatial = arr.ndim - (1 if ncomp > 1 else 0)
@@ -654,7 +847,10 @@ def _stacked_series(
             f"({', '.join(multi[:3])}{'...' if len(multi) > 3 else ''}); series of several multi-frame "
             "files are not supported. Read one file with read_dicom_file, or convert with dcm2niix."
         )
-    shapes = {(int(ds.Rows), int(ds.Columns)) for ds in headers}
+    shapes = {
+        (_whole(ds, "Rows", where=p), _whole(ds, "Columns", where=p))
+        for p, ds in zip(series.files, headers, strict=True)
+    }
     if len(shapes) > 1:
         raise DataError(
             f"{folder}: slices have different matrix sizes (Rows x Columns {sorted(shapes)}); one series "
@@ -666,6 +862,24 @@ def _stacked_series(
     hdrs = [headers[i] for i in order]
     rescales = [_rescale(ds) for ds in hdrs]
     return files, hdrs, affine, rescales
+
+
+def _check_stack_memory(folder: Path, headers: Sequence[Any], integral: bool) -> None:
+    """Refuse a series whose slices, decoded and stacked, do not fit in the available memory (checked
+    before the first slice is decoded; each file's own size is checked when it is read)."""
+    ds = headers[0]
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+    except (AttributeError, TypeError, ValueError):
+        return  # decoding the first slice reports the broken header
+    # GDCM gives float64 once a fractional rescale is applied
+    stored = next((t for t in (np.uint8, np.uint16, np.uint32) if bits <= 8 * np.dtype(t).itemsize), None)
+    dtype = np.dtype(stored if integral and stored is not None else np.float64)
+    shape = (cols, rows, len(headers)) + ((samples,) if samples > 1 else ())
+    # the decoded slices and their stack are held at once
+    check_memory(folder, shape, dtype, copies=2)
 
 
 def read_dicom_series(folder: str | Path, *, series_uid: str | None = None) -> Volume:
@@ -702,6 +916,7 @@ def read_dicom_series(folder: str | Path, *, series_uid: str | None = None) -> V
             vol.array, vol.affine, {**vol.meta, "source": str(folder), "file": str(series.files[0])}
         )
     files, hdrs, affine, rescales = _stacked_series(folder, series, headers)
+    _check_stack_memory(folder, hdrs, _is_integral(rescales))
     frames = [_read_slice(path, ds) for path, ds in zip(files, hdrs, strict=True)]
     try:
         stacked = np.stack(frames)
@@ -736,7 +951,9 @@ class DicomSlabs(RawSlabs):
         series, headers = _select_series(folder, series_uid)
         if series.n_files == 1:
             raise NotStreamable(f"{folder}: a series of one file is read whole (read_dicom_series)")
-        if any(int(ds.get("SamplesPerPixel", 1) or 1) > 1 for ds in headers):
+        if any(
+            _whole(ds, "SamplesPerPixel", 1, where=p) > 1 for p, ds in zip(series.files, headers, strict=True)
+        ):
             raise NotStreamable(f"{folder}: colour series are read whole (read_dicom_series)")
         files, hdrs, self.affine, rescales = _stacked_series(folder, series, headers)
         integral = _is_integral(rescales)
@@ -870,6 +1087,12 @@ def _per_frame_rescale(
             f"pixel data to apply them ({type(exc).__name__}: {exc}). Decompress it first (`gdcmconv --raw`) "
             "or install a pydicom pixel-data plugin (pylibjpeg)."
         ) from exc
+    if stored.size != px.size:  # a header the two decoders read differently (e.g. BitsAllocated)
+        raise DataError(
+            f"{path}: pydicom decodes {stored.size} pixel values where GDCM decodes {px.size} "
+            f"({' x '.join(str(n) for n in px.shape)}); the header's pixel description is inconsistent "
+            "(Rows, Columns, NumberOfFrames, BitsAllocated). Export the file again."
+        )
     stored = stored.reshape(px.shape)
     slopes = np.array([s for s, _ in rescales])[:, None, None]
     icpts = np.array([i for _, i in rescales])[:, None, None]

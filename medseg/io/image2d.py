@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import DataError
+from medseg.io._limits import check_deflate_ratio
 from medseg.types import Volume
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -24,15 +25,12 @@ def is_raster(path: str | Path) -> bool:
 
 def read_raster(path: str | Path) -> Volume:
     """Read a 2D PNG/JPEG/BMP/TIFF image as a single-channel ``(1, X, Y)`` Volume."""
-    import SimpleITK as sitk
-
-    from medseg.io._sitk import sitk_to_volume
+    from medseg.io._sitk import read_sitk_image, sitk_to_volume
 
     path = Path(path)
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise DataError(f"{path}: cannot read as a 2D image ({str(exc).strip().splitlines()[-1]})") from exc
+    png = str(path).lower().endswith(".png")
+    _check_with_pillow(path, strict=png)
+    img = read_sitk_image(path, what="a 2D image", check=_check_png_length if png else None)
     if img.GetDimension() != 2:
         raise DataError(f"{path}: expected a 2D image, found {img.GetDimension()} dimensions {img.GetSize()}")
     vol = sitk_to_volume(img, meta={"source": str(path), "format": "raster"})
@@ -50,6 +48,43 @@ def read_raster(path: str | Path) -> Volume:
     elif arr.shape[0] == 2:  # grey + alpha
         arr = arr[:1]
     return Volume(np.ascontiguousarray(arr), vol.affine, meta)
+
+
+def _check_with_pillow(path: Path, *, strict: bool) -> None:
+    """Refuse a decompression bomb (Pillow's limit on the pixel count) and, with ``strict``, a file whose
+    structure Pillow finds broken (PNG: a chunk running past the end of the file, a bad checksum).
+
+    ITK's PNG reader allocates what a corrupt chunk length declares while it reads the header, before
+    any size can be checked; Pillow reads chunks in bounded blocks. Pillow is not strict for other
+    formats, where it may not know a variant ITK decodes (e.g. some JPEG processes): only its size
+    limit applies to them.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if strict:
+                im.verify()
+    except Image.DecompressionBombError as exc:
+        raise DataError(
+            f"{path}: {exc} The file declares more pixels than any radiograph has; if it is right, "
+            "downsample it first (its header may be corrupt)."
+        ) from exc
+    except MemoryError as exc:
+        raise DataError(f"{path}: out of memory checking the image; its header is corrupt") from exc
+    except Exception as exc:  # Pillow raises many types for broken files (SyntaxError, OSError, ...)
+        if strict:
+            raise DataError(
+                f"{path}: cannot read as a 2D image: the file is corrupt ({type(exc).__name__}: {exc}); "
+                "expected a complete PNG file. Copy or export it again."
+            ) from exc
+
+
+def _check_png_length(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Refuse a PNG whose declared pixels are more than its deflate-compressed data can hold: a bomb
+    or a corrupt header, refused before the pixel buffer is allocated (libpng checks only after)."""
+    # a 1-bit palette pixel becomes four 8-bit RGBA bytes: 32 bytes of image per decompressed byte
+    check_deflate_ratio(path, shape, dtype, compressed=path.stat().st_size, expansion=32)
 
 
 def write_raster(vol: Volume, path: str | Path) -> Path:
