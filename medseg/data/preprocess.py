@@ -23,7 +23,7 @@ map results back onto the scan's own grid.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,11 +53,13 @@ __all__ = [
     "Layout",
     "PreprocessedCase",
     "Preprocessing",
+    "ScanStats",
     "body_box",
     "channel_stats",
     "check_input",
     "compute_weights",
     "fixed_normalization",
+    "input_warnings",
     "label_to_indices",
     "linear_taps",
     "plan_layout",
@@ -207,6 +209,8 @@ def body_box(src: CanonicalSlabs, threshold: float, margin: int = BODY_MARGIN_VO
     hits = [np.zeros(n, bool) for n in shape]
     for z0, slab in src.slabs():
         m = slab[0] > threshold
+        if m.dtype == bool and slab.dtype.kind == "f":
+            m &= np.isfinite(slab[0])  # an infinite voxel is not body
         for ax in range(len(shape)):
             other = tuple(a for a in range(len(shape)) if a != ax)
             proj = m.any(axis=other)
@@ -238,27 +242,104 @@ def plan_layout(image: Any, plan: Plan) -> tuple[Layout, CanonicalSlabs]:
     return layout, src
 
 
+@dataclass(frozen=True)
+class ScanStats:
+    """Statistics of the cropped (not resampled) scan, from one slab-wise pass.
+
+    Per channel: the lowest and highest finite value, the mean and std of the finite values (for the
+    channels a per-image z-score needs; others 0 and 1) and the count of NaN/infinite voxels; for channel 0
+    the count of voxels below -500 (air, in a CT in Hounsfield units).
+    """
+
+    voxels: int
+    lowest: tuple[float, ...]
+    highest: tuple[float, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    nonfinite: tuple[int, ...]
+    below_air: int
+
+
+AIR_HU = -500.0
+"""Channel-0 values below this are air in a CT in Hounsfield units (the CT body threshold too)."""
+
+
 def channel_stats(
     src: CanonicalSlabs, inplane: Sequence[slice], z: slice, zscore: Sequence[bool]
-) -> tuple[list[float], list[float], list[float]]:
-    """Minimum of every channel of the cropped (not resampled) scan, and mean and std of the channels
-    flagged in ``zscore`` (others: 0 and 1), in one slab-wise pass over the scan."""
-    lo = [math.inf] * src.channels
-    total, total_sq, n = [0.0] * src.channels, [0.0] * src.channels, 0
+) -> ScanStats:
+    """:class:`ScanStats` of the cropped scan (``inplane`` and rows ``z``) in one slab-wise pass."""
+    nc = src.channels
+    lo, hi = [math.inf] * nc, [-math.inf] * nc
+    total, total_sq, count, bad = [0.0] * nc, [0.0] * nc, [0] * nc, [0] * nc
+    n = air = 0
     for _, slab in src.slabs(inplane, z):
-        for c in range(src.channels):
-            lo[c] = min(lo[c], float(slab[c].min()))
+        for c in range(nc):
+            v = np.asarray(slab[c])
+            if v.dtype.kind == "f":
+                finite = np.isfinite(v)
+                if not finite.all():
+                    bad[c] += int(v.size - finite.sum())
+                    v = v[finite]
+            if v.size:
+                lo[c], hi[c] = min(lo[c], float(v.min())), max(hi[c], float(v.max()))
+            count[c] += v.size
             if zscore[c]:
-                v = np.asarray(slab[c], np.float64)
-                total[c] += float(v.sum())
-                total_sq[c] += float((v * v).sum())
+                w = np.asarray(v, np.float64)
+                total[c] += float(w.sum())
+                total_sq[c] += float((w * w).sum())
+            if c == 0:
+                air += int(np.count_nonzero(v < AIR_HU))
         n += slab[0].size
-    means = [t / max(n, 1) for t in total]
+    means = [t / max(k, 1) for t, k in zip(total, count, strict=True)]
     stds = [
-        math.sqrt(max(q / max(n, 1) - m * m, 0.0)) if zs else 1.0
-        for q, m, zs in zip(total_sq, means, zscore, strict=True)
+        math.sqrt(max(q / max(k, 1) - m * m, 0.0)) if zs else 1.0
+        for q, m, k, zs in zip(total_sq, means, count, zscore, strict=True)
     ]
-    return lo, means, stds
+    return ScanStats(
+        voxels=n,
+        lowest=tuple(v if math.isfinite(v) else 0.0 for v in lo),
+        highest=tuple(v if math.isfinite(v) else 0.0 for v in hi),
+        mean=tuple(means),
+        std=tuple(stds),
+        nonfinite=tuple(bad),
+        below_air=air,
+    )
+
+
+_DICOM_MODALITY = {"CT": "ct", "MR": "mr", "CR": "xray", "DX": "xray", "DR": "xray", "RG": "xray"}
+
+
+def input_warnings(stats: ScanStats, plan: Plan, meta: Mapping[str, Any]) -> list[str]:
+    """Why an input may lie outside what the model was trained on (empty when nothing is noticed).
+
+    Checked: NaN/infinite voxels (they are replaced by the channel's lowest finite value); a DICOM
+    Modality other than the model's; for CT models, a scan with no air below -500 HU (an MR scan, or a CT
+    rescaled or cropped to the body) or with intensities spanning less than 50 (rescaled, e.g. to
+    0..1), since CT in Hounsfield units spans air (-1000) to bone (> 300).
+    """
+    out = []
+    for c, k in enumerate(stats.nonfinite):
+        if k:
+            out.append(
+                f"{k} voxel(s) of channel {c} are NaN or infinite; they were replaced by the channel's "
+                f"lowest value ({stats.lowest[c]:.6g})"
+            )
+    modality = _DICOM_MODALITY.get(str(meta.get("modality", "")).upper())
+    if modality is not None and modality != plan.modality:
+        out.append(f"the DICOM series is {meta['modality']}, but the model was trained on {plan.modality}")
+    if plan.modality == "ct" and stats.voxels:
+        lo, hi = stats.lowest[0], stats.highest[0]
+        if hi - lo < 50:
+            out.append(
+                f"intensities span only {lo:.4g}..{hi:.4g}, but a CT in Hounsfield units spans air (-1000) "
+                "to bone (> 300): the scan looks rescaled (e.g. to 0..1)"
+            )
+        elif stats.below_air == 0:
+            out.append(
+                f"no voxel below {AIR_HU:.0f} HU (air; lowest {lo:.4g}): not a CT in Hounsfield units (an MR "
+                "scan, or a CT rescaled or cropped to the body?)"
+            )
+    return out
 
 
 def fixed_normalization(norm: ChannelNorm, mean: float, std: float) -> ChannelNorm:
@@ -283,9 +364,15 @@ class LazyInput:
     """
 
     def __init__(
-        self, src: CanonicalSlabs, layout: Layout, norms: Sequence[ChannelNorm], cval: float
+        self,
+        src: CanonicalSlabs,
+        layout: Layout,
+        norms: Sequence[ChannelNorm],
+        cval: float,
+        fill: Sequence[float] | None = None,
     ) -> None:
         self.src, self.layout, self.norms, self.cval = src, layout, list(norms), float(cval)
+        self.fill = None if fill is None else np.asarray(fill, np.float32)
         self.inplane_padded = layout.padded_shape[:-1]
         self.buf = np.empty((0, src.channels, *self.inplane_padded), np.float32)
         self.b0 = 0
@@ -314,6 +401,9 @@ class LazyInput:
         lo, hi = int(i0.min()), int(i1.max()) + 1
         c0 = lay.crop[-1].start
         raw = zfirst(self.src.slab(c0 + lo, c0 + hi, lay.crop[:-1]))  # (n, C, *inplane_crop), source dtype
+        if self.fill is not None:  # NaN/inf would spread through the network far beyond their voxels
+            shape = (1, -1) + (1,) * (raw.ndim - 2)
+            raw = np.where(np.isfinite(raw), raw, self.fill.reshape(shape))
         x = zinterp(raw, i0 - lo, i1 - lo, lam)
         x = resize_inplane(x, lay.resampled_shape[:-1])
         for c, norm in enumerate(self.norms):
@@ -336,6 +426,8 @@ class Preprocessing:
     source: CanonicalSlabs
     norms: tuple[ChannelNorm, ...]
     pad_value: float
+    stats: ScanStats
+    warnings: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, image: Any, plan: Plan) -> Preprocessing:
@@ -348,20 +440,30 @@ class Preprocessing:
         check_input(image, plan)
         layout, src = plan_layout(image, plan)
         zscore = [n.scheme != "ct" for n in plan.normalization]
-        lowest, means, stds = channel_stats(src, layout.crop[:-1], layout.crop[-1], zscore)
-        norms = tuple(fixed_normalization(*a) for a in zip(plan.normalization, means, stds, strict=True))
-        pad = min(float(n.apply(np.array([lo], np.float32))[0]) for lo, n in zip(lowest, norms, strict=True))
-        return cls(layout, src, norms, pad)
+        stats = channel_stats(src, layout.crop[:-1], layout.crop[-1], zscore)
+        norms = tuple(
+            fixed_normalization(*a) for a in zip(plan.normalization, stats.mean, stats.std, strict=True)
+        )
+        pad = min(
+            float(n.apply(np.array([lo], np.float32))[0]) for lo, n in zip(stats.lowest, norms, strict=True)
+        )
+        warnings = tuple(input_warnings(stats, plan, getattr(image, "meta", {}) or {}))
+        return cls(layout, src, norms, pad, stats, warnings)
+
+    @property
+    def _fill(self) -> tuple[float, ...] | None:
+        """Replacement values of NaN/infinite voxels (the channels' lowest), or None when there are none."""
+        return self.stats.lowest if any(self.stats.nonfinite) else None
 
     def lazy(self) -> LazyInput:
         """The padded, resampled, normalised image, made row by row on demand."""
-        return LazyInput(self.source, self.layout, self.norms, self.pad_value)
+        return LazyInput(self.source, self.layout, self.norms, self.pad_value, self._fill)
 
     def array(self) -> np.ndarray:
         """The whole resampled, normalised image ``(C, *resampled_shape)`` float32 (not padded): the
         rows :meth:`lazy` gives, made in chunks of about :data:`SLAB_BYTES`."""
         lay = replace(self.layout, pad=tuple((0, 0) for _ in self.layout.pad))
-        maker = LazyInput(self.source, lay, self.norms, self.pad_value)
+        maker = LazyInput(self.source, lay, self.norms, self.pad_value, self._fill)
         n = lay.resampled_shape[-1]
         out = np.empty((self.source.channels, *lay.resampled_shape), np.float32)
         step = max(1, SLAB_BYTES // max(1, 4 * self.source.channels * math.prod(lay.resampled_shape[:-1])))

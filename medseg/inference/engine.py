@@ -187,6 +187,7 @@ class EngineStats:
     coarse_windows_run: int = 0
     accumulator_bytes: int = 0
     layout: Layout | None = None
+    input_warnings: tuple[str, ...] = ()  # why the input may lie outside the model's training range
 
 
 def segment(
@@ -211,6 +212,9 @@ def segment(
     stats = stats if stats is not None else EngineStats()
     prep = Preprocessing.of(image, plan)
     layout, norms = prep.layout, prep.norms
+    stats.input_warnings = prep.warnings
+    for text in prep.warnings:
+        logger.warning("%s: %s", image.meta.get("source", "input"), text)
     air = None
     if opts.skip_air and plan.body_threshold is not None:
         # channel 0 decides, as for the body box (other channels may be normalised differently)

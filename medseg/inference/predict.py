@@ -311,7 +311,8 @@ def _predict_loaded(
             files += writer.close()
             writer = None
         if batch.report:
-            files += write_report_of(vol, pred, bundle, safe_join(out_dir, f"{case}_report"))
+            report_dir = safe_join(out_dir, f"{case}_report")
+            files += write_report_of(vol, pred, bundle, report_dir, stats.input_warnings)
     except BaseException:
         if writer is not None:  # a half-written probability file must not stay behind
             writer.abort()
@@ -325,6 +326,7 @@ def _predict_loaded(
         "windows_run": stats.windows_run,
         "coarse_windows_run": stats.coarse_windows_run,
         "memory_estimate_gb": round(est["total"] / 2**30, 3),
+        **({"input_warnings": list(stats.input_warnings)} if stats.input_warnings else {}),
         "seconds": {
             "read": round(t_read - t0, 3),
             "predict": round(t_pred - t_read, 3),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -156,10 +157,13 @@ def write_seg(pred: Volume, bundle: Bundle, series_dir: Path, path: Path) -> Pat
     return write_dicom_seg(pred, series_dir, path, names=plan.structure_names, values=values)
 
 
-def write_report_of(image: Volume, pred: Volume, bundle: Bundle, out: Path) -> list[Path]:
+def write_report_of(
+    image: Volume, pred: Volume, bundle: Bundle, out: Path, input_warnings: Sequence[str] = ()
+) -> list[Path]:
     """``<case>_report/``: the organ-volume report of the prediction, with the model's provenance."""
     plan = bundle.plan
     spec = replace(plan.labels, source=str(bundle.path / "plan.json"))
     prov = bundle.provenance()
     provenance = {"run_dir": prov.pop("model"), **prov}
-    return list(write_report(image, pred, out, spec=spec, provenance=provenance).values())
+    report = write_report(image, pred, out, spec=spec, provenance=provenance, input_warnings=input_warnings)
+    return list(report.values())

@@ -66,6 +66,7 @@ def render_html(doc: dict[str, Any], table: StructureTable, figs: ReportFigures,
         f"<style>{_CSS}</style></head><body>",
         f"<h1>{e(doc['title'])}</h1>",
         f'<p class="note" id="research-note">{e(doc["note"])}</p>',
+        _input_warnings(doc),
         "<h2>Scan</h2>",
         _facts_table(doc),
         "<h2>Structures</h2>",
@@ -89,6 +90,15 @@ def render_html(doc: dict[str, Any], table: StructureTable, figs: ReportFigures,
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
+
+
+def _input_warnings(doc: dict[str, Any]) -> str:
+    items = doc.get("input_warnings") or []
+    if not items:
+        return ""
+    lis = "".join(f"<li>{html.escape(w)}</li>" for w in items)
+    head = "Input outside the model's training range:"
+    return f'<div class="note" id="input-warnings">{head}<ul>{lis}</ul></div>'
 
 
 def _title_suffix(doc: dict[str, Any]) -> str:

@@ -73,6 +73,10 @@ def _header(fig: Any, doc: dict[str, Any], y: float) -> float:
     y -= 0.035
     fig.text(0.05, y, doc["note"], fontsize=9, color="#b00000", weight="bold", va="top", wrap=True)
     y -= 0.035
+    for w in doc.get("input_warnings") or []:
+        text = textwrap.fill(f"Input outside the model's training range: {w}", 110)
+        fig.text(0.05, y, text, fontsize=8, color="#b00000", weight="bold", va="top")
+        y -= 0.017 * (text.count("\n") + 1) + 0.005
     s = doc["scan"]
     lines = [
         f"Image: {s.get('source') or '(in memory)'}    Mask: {doc['mask'].get('source') or '(in memory)'}",

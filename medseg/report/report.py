@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ def write_report(
     spec: LabelLayout | None = None,
     provenance: dict | None = None,
     pdf: bool = True,
+    input_warnings: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write the organ-volume report of one scan into `out_dir`.
 
@@ -65,6 +67,8 @@ def write_report(
         provenance: Model provenance shown in the report, e.g. ``run_dir``, ``config_hash``,
             ``checkpoint``; ``medseg_version`` and ``created`` are filled in when absent.
         pdf: Also write ``report.pdf``.
+        input_warnings: Why the scan may lie outside the model's training range (from prediction); shown
+            prominently as "input outside the model's training range".
 
     Returns:
         ``{"csv": volumes.csv, "json": report.json, "html": report.html[, "pdf": report.pdf]}``.
@@ -80,6 +84,7 @@ def write_report(
     table = structure_table(image, mask, spec)
     figs = render_figures(image, _row_layers(mask, spec, table), table)
     doc = _document(image, mask, table, figs.window, provenance)
+    doc["input_warnings"] = list(input_warnings)
 
     paths = {
         k: out_dir / n for k, n in (("csv", "volumes.csv"), ("json", "report.json"), ("html", "report.html"))
