@@ -13,24 +13,11 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import DataError
+from medseg.io._files import is_dicom_file
+from medseg.labels import label_dtype_for
 from medseg.types import Volume
 
 __all__ = ["load_volume", "save_volume", "save_label_map", "describe_volume", "is_dicom_file", "case_id"]
-
-
-def is_dicom_file(path: str | Path) -> bool:
-    """True if ``path`` is a file with the DICOM preamble (``DICM`` at byte 128) or a .dcm suffix."""
-    p = Path(path)
-    if not p.is_file():
-        return False
-    if p.suffix.lower() in (".dcm", ".dicom"):
-        return True
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def case_id(path: str | Path, *, channels: int = 1) -> str:
@@ -127,7 +114,7 @@ def label_dtype(array: np.ndarray, *, where: str = "label map") -> np.dtype:
     lo, hi = array.min(), array.max()
     if lo < 0 or hi > 65535:
         raise DataError(f"{where}: label values must be in 0..65535, found {lo}..{hi}")
-    return np.dtype(np.uint8 if hi <= 255 else np.uint16)
+    return label_dtype_for(int(hi))
 
 
 def save_label_map(vol: Volume, path: str | Path) -> Path:

@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import DataError
+from medseg.io._files import is_dicom_file
 from medseg.io._limits import check_memory
 from medseg.io._slabs import CHUNK_BYTES, NotStreamable, RawSlabs, temp_raw_file
 from medseg.types import Volume
@@ -421,7 +422,6 @@ def _sort_members(members: list[tuple[Path, Any]]) -> list[tuple[Path, Any]]:
 
 
 def _subfolders_with_dicom(folder: Path, limit: int = 10) -> list[str]:
-    from medseg.io import is_dicom_file
 
     found = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):

@@ -56,7 +56,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-import medseg
+from medseg._version import __version__
 from medseg.errors import DataError
 from medseg.io._atomic import atomic_write
 from medseg.io.dicom import (
@@ -528,7 +528,7 @@ def write_dicom_seg(
     values: Sequence[int] | None,
     series_uid: str | None = None,
     algorithm: str = "medseg",
-    algorithm_version: str = medseg.__version__,
+    algorithm_version: str = __version__,
     series_description: str = "medseg segmentation",
 ) -> Path:
     """Write a prediction on a DICOM series as a DICOM Segmentation (BINARY, one segment per structure).
