@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from medseg.cli._common import add_config_args, load_config_from_args
+from medseg.cli._common import add_config_args, load_config_from_args, show_progress
 from medseg.errors import MedsegError
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def run_check(args: argparse.Namespace) -> int:
         if args.overrides:
             raise MedsegError("--set needs --config")
         dataset, data_cfg = dataset_from_folder(Path(args.folder)), None
-    report = check_dataset(dataset, data_cfg, progress=not args.no_progress)
+    report = check_dataset(dataset, data_cfg, progress=show_progress(args))
     if args.json:
         print(json.dumps(report.to_records(), indent=2))
     else:
@@ -84,7 +84,7 @@ def run_synth(args: argparse.Namespace) -> int:
         raise MedsegError(f"{out} is not empty; choose a new --out folder or pass --overwrite")
     if args.cases is not None and args.cases < 1:
         raise MedsegError(f"--cases must be at least 1, got {args.cases}")
-    progress = not args.no_progress
+    progress = show_progress(args)
     if args.kind == "ct":
         synth_ct(out, cases=args.cases or 10, seed=args.seed, progress=progress)
     else:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
 
 from medseg._version import __version__
+from medseg.cli._common import add_global_flags, add_global_flags_everywhere
 from medseg.errors import MedsegError
 
 DESCRIPTION = """\
@@ -50,10 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medseg", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"medseg {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="more log output")
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    add_global_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info_cmd.register(sub)
     data_cmd.register(sub)
@@ -63,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.register(sub)
     report_cmd.register(sub)
     convert_cmd.register(sub)
+    add_global_flags_everywhere(sub)
     return parser
 
 
@@ -90,7 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args.command is None else 2
     _configure_logging(args.verbose, args.quiet)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at interpreter exit
+        return code
     except MedsegError as exc:
         if args.debug:
             raise
@@ -99,6 +101,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (`medseg info x | head -1`): nothing left to say; send
+        # what is still buffered to /dev/null so that Python's exit flush does not complain either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a process killed by SIGPIPE
+    except OSError as exc:
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # noqa: BLE001 - last-resort handler of the CLI
         if args.debug:
             raise

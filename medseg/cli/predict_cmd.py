@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from medseg.cli._common import show_progress
 from medseg.errors import MedsegError
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
     o.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     o.add_argument(
-        "--verbose", dest="window_progress", action="store_true", help="a progress bar over windows per case"
+        "--window-progress", action="store_true", help="a progress bar over the windows of each case"
     )
     p.set_defaults(func=run)
 
@@ -184,11 +185,13 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from medseg.inference.predict import BatchOptions, check_output_folder, predict_files
+    from medseg.io._atomic import ensure_writable_folder
 
     if args.max_memory is not None and not 0 < args.max_memory < float("inf"):
         raise MedsegError(f"--max-memory {args.max_memory}: expected a positive number of GB (e.g. 8)")
     folders = [item for item in args.input if item.is_dir()]
     check_output_folder(args.output, folders=folders)  # before any work; predict_files checks files too
+    ensure_writable_folder(args.output)
     _exit_cleanly_on_sigterm()
     from medseg.inference.process import tune_allocator
 
@@ -215,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         skip_air=args.skip_air,
         coarse_roi=args.coarse_roi,
         accumulator_dtype="float16" if args.low_memory else "float32",
-        progress=args.window_progress,
+        progress=args.window_progress and show_progress(args),
     )
     batch = BatchOptions(
         output_format=args.format,
@@ -223,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
         report=args.report,
         combined_labels=args.combined_labels,
         overwrite=args.overwrite,
-        progress=not (args.no_progress or getattr(args, "quiet", False)),
+        progress=show_progress(args),
         max_memory_bytes=int(args.max_memory * 2**30) if args.max_memory is not None else None,
     )
     manifest = predict_files(

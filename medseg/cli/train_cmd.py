@@ -11,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from medseg.cli._common import add_config_args
+from medseg.cli._common import add_config_args, show_progress
 from medseg.errors import MedsegError
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             raise MedsegError("give --config FILE (e.g. configs/demo_ct.yaml)")
         config = args.config
     cfg = load_config(config, overrides)
+    from medseg.io._atomic import ensure_writable_folder
     from medseg.training.distributed import distributed
     from medseg.training.loop import train
     from medseg.training.run_dir import new_run_dir
@@ -65,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
         # a new run's name holds the time: rank 0 chooses it for everyone
         run_dir = args.run_dir or ctx.broadcast_object(new_run_dir(cfg) if ctx.is_main else None)
         logger.info("run directory: %s", run_dir)
-        train(cfg, run_dir=run_dir, resume=args.resume, progress=not args.no_progress)
+        if ctx.is_main:
+            ensure_writable_folder(run_dir, what="--run-dir")
+        train(cfg, run_dir=run_dir, resume=args.resume, progress=show_progress(args))
         if ctx.is_main:
             print(run_dir)
     return 0

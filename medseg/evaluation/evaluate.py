@@ -35,6 +35,7 @@ from medseg.errors import ConfigError, DataError
 from medseg.evaluation._cases import CasePair, Grid, Side, match_cases, open_side
 from medseg.evaluation._report import COLUMNS, DISTANCE_COLUMNS, build_summary, write_outputs
 from medseg.io import case_id
+from medseg.io._atomic import ensure_writable_folder
 from medseg.labels import LabelLayout, load_labels
 from medseg.metrics import (
     AXIS_NAMES,
@@ -404,3 +405,4 @@ def _check_output(output: Path, pred: Path, ref: Path) -> None:
                 f"--output {output} is inside the --{what} input {p}; choose a separate folder (outputs "
                 "never go into input folders, where they would be read as cases next time)"
             )
+    ensure_writable_folder(output)  # before any case is read, not after all of them

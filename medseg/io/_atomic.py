@@ -5,9 +5,12 @@ name (and a reader never sees one)."""
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from medseg.errors import DataError
 
 
 def atomic_target(path: Path) -> Path:
@@ -47,3 +50,23 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_write(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def ensure_writable_folder(folder: str | Path, *, what: str = "--output") -> Path:
+    """Create ``folder`` if needed and check that a file can be written in it, before any work.
+
+    Raises:
+        DataError: The folder cannot be created or written (naming it, the reason and the fix).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".medseg-write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise DataError(
+            f"{what} {folder}: cannot write there ({reason}); choose a folder you can write to"
+        ) from None
+    return folder

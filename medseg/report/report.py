@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import DataError
-from medseg.io._atomic import atomic_write
+from medseg.io._atomic import atomic_write, ensure_writable_folder
 from medseg.labels import LabelLayout, Mode, default_labels
 from medseg.report.figures import RowLayers, is_ct, overview_png, render_figures
 from medseg.report.html import render_html
@@ -79,6 +79,7 @@ def write_report(
     """
     out_dir = Path(out_dir)
     _refuse_input_folder(out_dir, image, mask)
+    ensure_writable_folder(out_dir)
     mask = align_mask(image, mask)
     spec = _resolve_spec(spec, mask)
     table = structure_table(image, mask, spec)

@@ -582,7 +582,11 @@ def test_sigterm_removes_the_temporary_scan_file(bundle: Path, tmp_path: Path) -
     assert not (tmp_path / "o" / "series1.nii.gz").exists()
 
 
-def test_quiet_hides_the_progress_bar(bundle: Path, tmp_path: Path, capsys) -> None:
+def test_progress_bar_only_on_a_terminal_and_not_with_quiet(
+    bundle: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import sys
+
     save_volume(_scan(AFFINES["RAS"]), tmp_path / "in" / "c.nii.gz")
     args = [
         "predict",
@@ -593,7 +597,12 @@ def test_quiet_hides_the_progress_bar(bundle: Path, tmp_path: Path, capsys) -> N
         "--device",
         "cpu",
     ]
+    assert main([*args, "--output", str(tmp_path / "o0")]) == 0  # stderr is not a terminal here
+    assert "predict:" not in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert main([*args, "--output", str(tmp_path / "o1")]) == 0
     assert "predict: 100%" in capsys.readouterr().err
     assert main(["-q", *args, "--output", str(tmp_path / "o2")]) == 0
+    assert "predict:" not in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "o3"), "-q"]) == 0  # after the subcommand too
     assert "predict:" not in capsys.readouterr().err
