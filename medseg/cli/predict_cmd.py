@@ -194,7 +194,10 @@ def run(args: argparse.Namespace) -> int:
     ensure_writable_folder(args.output)
     _exit_cleanly_on_sigterm()
     from medseg.inference.process import tune_allocator
+    from medseg.io._slabs import sweep_stale_temp_files
 
+    for path in sweep_stale_temp_files():  # left by a predict that was killed (SIGKILL cannot clean up)
+        logger.info("removed %s, left behind by a process that no longer runs", path)
     if tune_allocator():
         logger.debug("allocator: freed memory kept for reuse (MEDSEG_MALLOC=default to turn off)")
     inputs = expand_inputs(args.input)

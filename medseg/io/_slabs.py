@@ -11,6 +11,8 @@ time (a mapped page counts in the process's resident memory until it is unmapped
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +27,44 @@ _MAP_BYTES = CHUNK_BYTES
 
 
 def temp_raw_file(kind: str) -> Path:
-    """A new empty temporary file ``medseg-<kind>-*.raw`` in the system temp dir (``TMPDIR``)."""
-    import os
-    import tempfile
+    """A new empty temporary file ``medseg-<kind>-<pid>-*.raw`` in the system temp dir (``TMPDIR``).
 
-    fd, name = tempfile.mkstemp(prefix=f"medseg-{kind}-", suffix=".raw")
+    The files hold decoded patient images; a process killed with SIGKILL cannot remove its own, so
+    each new one first removes those of processes that no longer exist (:func:`sweep_stale_temp_files`).
+    """
+    sweep_stale_temp_files()
+    fd, name = tempfile.mkstemp(prefix=f"medseg-{kind}-{os.getpid()}-", suffix=".raw")
     os.close(fd)
     return Path(name)
+
+
+def sweep_stale_temp_files(folder: str | Path | None = None) -> list[Path]:
+    """Remove ``medseg-<kind>-<pid>-*.raw`` files in ``folder`` (default: the system temp dir) whose
+    process no longer runs; returns the files removed."""
+    removed = []
+    for path in Path(folder or tempfile.gettempdir()).glob("medseg-*-*-*.raw"):
+        parts = path.name.split("-")
+        if len(parts) < 4 or not parts[2].isdigit():
+            continue
+        pid = int(parts[2])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:  # another process swept it first, or it is not ours to remove
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 class NotStreamable(DataError):

@@ -93,3 +93,52 @@ def test_merge_keeps_other_rows_and_replaces_its_own(tmp_path: Path) -> None:
         {"case": "c", "input": "c.nii", "outputs": ["c.nii.gz"]},
     ]
     assert doc["failures"] == [] and doc["model"] == "m"
+
+
+def test_a_killed_runs_temporary_scan_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    """SIGKILL cannot clean up: the decoded copy of the series stays, and the next run removes it."""
+    run = write_run(tmp_path / "run", build_plan())
+    series = write_dicom_series(_scan(shape=(160, 160, 96)), tmp_path / "in" / "series1")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "MEDSEG_MALLOC": "default"}
+    cmd = [sys.executable, "-m", "medseg", "predict", "--model", str(run), "--input", str(series)]
+    proc = subprocess.Popen(
+        [*cmd, "--output", str(tmp_path / "o"), "--no-progress", "--device", "cpu"], env=env
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp.glob("medseg-dicom-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    left = list(tmp.glob("medseg-dicom-*"))
+    assert left, "a killed run leaves its temporary scan"
+    other = tmp_path / "in2"
+    save_volume(_scan(), other / "small.nii.gz")
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medseg",
+            "predict",
+            "--model",
+            str(run),
+            "--input",
+            str(other / "small.nii.gz"),
+            "--output",
+            str(tmp_path / "o2"),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert list(tmp.iterdir()) == []
+    assert "left behind by a process that no longer runs" in again.stderr
