@@ -40,6 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device", default="auto", help="auto, cpu, cuda or cuda:N for the network (default auto)"
     )
+    p.add_argument(
+        "--series-uid",
+        metavar="UID",
+        help="which series to read from DICOM folders that hold several (`medseg info FOLDER` lists them)",
+    )
     g = p.add_argument_group("sliding windows (defaults: the run config's predict section)")
     g.add_argument("--overlap", type=float, help="fraction of a window shared with its neighbour (0.5)")
     g.add_argument("--batch-size", type=int, help="windows per forward pass (2)")
@@ -231,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=show_progress(args),
         max_memory_bytes=int(args.max_memory * 2**30) if args.max_memory is not None else None,
+        series_uid=args.series_uid,
     )
     manifest = predict_files(
         args.model, inputs, args.output, device=args.device, engine=engine, batch=batch, input_folders=folders

@@ -109,6 +109,7 @@ class BatchOptions:
     progress: bool = True
     max_memory_bytes: int | None = None  # None: the kernel's MemAvailable
     combined_labels: bool = False  # sigmoid models: also <case>_labels<ext> (later structure wins)
+    series_uid: str | None = None  # which series of DICOM folders that hold several
 
 
 def group_inputs(inputs: list[Path], in_channels: int) -> list[tuple[str, list[Path]]]:
@@ -152,11 +153,11 @@ def group_inputs(inputs: list[Path], in_channels: int) -> list[tuple[str, list[P
     return out
 
 
-def load_channels(paths: list[Path]) -> Volume:
+def load_channels(paths: list[Path], *, series_uid: str | None = None) -> Volume:
     """One file per channel -> one multi-channel Volume; all channels must share one stored grid
-    (same shape and affine: the arrays are stacked as they are)."""
-
-    vols = [load_volume(p) for p in paths]
+    (same shape and affine: the arrays are stacked as they are). ``series_uid`` picks the series of a
+    DICOM folder that holds several."""
+    vols = [load_volume(p, series_uid=series_uid) for p in paths]
     if len(vols) == 1:
         return vols[0]
     first = vols[0]
@@ -254,7 +255,8 @@ def predict_case(
         )
     stream = _open_streaming(paths, bundle.plan, batch)
     try:
-        return _predict_loaded(bundle, stream or load_channels(paths), paths, out_dir, case, opts, batch, t0)
+        vol = stream or load_channels(paths, series_uid=batch.series_uid)
+        return _predict_loaded(bundle, vol, paths, out_dir, case, opts, batch, t0)
     finally:
         if stream is not None:
             stream.close()
@@ -268,11 +270,12 @@ def _open_streaming(paths: list[Path], plan: Plan, batch: BatchOptions) -> Any:
     if len(paths) != 1 or plan.spatial_dims != 3 or batch.report:
         return None
     path = paths[0]
-    opener = NiftiSlabs if is_nifti(path) else DicomSlabs if path.is_dir() else None
-    if opener is None:
-        return None
     try:
-        return opener(path)
+        if is_nifti(path):
+            return NiftiSlabs(path)
+        if path.is_dir():
+            return DicomSlabs(path, series_uid=batch.series_uid)
+        return None
     except (NotStreamable, OSError) as exc:  # e.g. not 3D, one DICOM file, no room for the temp file
         logger.debug("%s: reading whole (%s)", path, exc)
         return None
@@ -306,7 +309,8 @@ def _predict_loaded(
             if batch.combined_labels and bundle.plan.mode == Mode.SIGMOID:
                 files += write_combined_labels(pred, bundle.plan, out_dir, case, ext=ext)
         if batch.output_format in ("dicom-seg", "both"):
-            files.append(write_seg(pred, bundle, source, safe_join(out_dir, f"{case}_seg.dcm")))
+            seg_path = safe_join(out_dir, f"{case}_seg.dcm")
+            files.append(write_seg(pred, bundle, source, seg_path, series_uid=batch.series_uid))
         if writer is not None:
             files += writer.close()
             writer = None

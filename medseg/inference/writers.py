@@ -150,11 +150,15 @@ class ProbabilityWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def write_seg(pred: Volume, bundle: Bundle, series_dir: Path, path: Path) -> Path:
+def write_seg(
+    pred: Volume, bundle: Bundle, series_dir: Path, path: Path, *, series_uid: str | None = None
+) -> Path:
     """``<case>_seg.dcm``: a DICOM SEG of the prediction referencing the input series."""
     plan = bundle.plan
     values = plan.label_values if plan.mode == Mode.SOFTMAX else None
-    return write_dicom_seg(pred, series_dir, path, names=plan.structure_names, values=values)
+    return write_dicom_seg(
+        pred, series_dir, path, names=plan.structure_names, values=values, series_uid=series_uid
+    )
 
 
 def write_report_of(

@@ -11,7 +11,7 @@ import html
 from typing import Any
 
 from medseg.report.figures import ReportFigures, png_bytes, strip
-from medseg.report.table import StructureTable
+from medseg.report.table import StructureTable, format_intensity
 
 __all__ = ["render_html", "format_size"]
 
@@ -93,12 +93,16 @@ def render_html(doc: dict[str, Any], table: StructureTable, figs: ReportFigures,
 
 
 def _input_warnings(doc: dict[str, Any]) -> str:
-    items = doc.get("input_warnings") or []
-    if not items:
-        return ""
-    lis = "".join(f"<li>{html.escape(w)}</li>" for w in items)
-    head = "Input outside the model's training range:"
-    return f'<div class="note" id="input-warnings">{head}<ul>{lis}</ul></div>'
+    out = []
+    for key, head, id_ in (
+        ("input_warnings", "Input outside the model's training range:", "input-warnings"),
+        ("warnings", "Please note:", "report-warnings"),
+    ):
+        items = doc.get(key) or []
+        if items:
+            lis = "".join(f"<li>{html.escape(w)}</li>" for w in items)
+            out.append(f'<div class="note" id="{id_}">{head}<ul>{lis}</ul></div>')
+    return "\n".join(out)
 
 
 def _title_suffix(doc: dict[str, Any]) -> str:
@@ -156,7 +160,8 @@ def _organ_table(doc: dict[str, Any], table: StructureTable, figs: ReportFigures
             f'<tr data-structure="{e(r.structure)}"><td><span class="swatch" style="background:{colour}">'
             f"</span></td><td>{e(r.structure)}</td><td class=num>{r.label}</td>"
             f"<td class=num>{format_size(r.size)}</td><td class=num>{r.n_voxels}</td>"
-            f"<td class=num>{r.mean_intensity:.1f}</td><td class=num>{r.std_intensity:.1f}</td>"
+            f"<td class=num>{format_intensity(r.mean_intensity)}</td>"
+            f"<td class=num>{format_intensity(r.std_intensity)}</td>"
             f"<td>{complete}</td></tr>"
         )
     return f'<table id="organ-table"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>'

@@ -18,7 +18,7 @@ from PIL import Image
 
 from medseg.report.figures import ReportFigures, strip
 from medseg.report.html import format_size
-from medseg.report.table import StructureTable
+from medseg.report.table import StructureTable, format_intensity
 
 __all__ = ["write_pdf"]
 
@@ -73,8 +73,9 @@ def _header(fig: Any, doc: dict[str, Any], y: float) -> float:
     y -= 0.035
     fig.text(0.05, y, doc["note"], fontsize=9, color="#b00000", weight="bold", va="top", wrap=True)
     y -= 0.035
-    for w in doc.get("input_warnings") or []:
-        text = textwrap.fill(f"Input outside the model's training range: {w}", 110)
+    notes = [f"Input outside the model's training range: {w}" for w in doc.get("input_warnings") or []]
+    for w in notes + [f"Please note: {w}" for w in doc.get("warnings") or []]:
+        text = textwrap.fill(w, 110)
         fig.text(0.05, y, text, fontsize=8, color="#b00000", weight="bold", va="top")
         y -= 0.017 * (text.count("\n") + 1) + 0.005
     s = doc["scan"]
@@ -111,8 +112,8 @@ def _table(
             str(r.label),
             format_size(r.size),
             str(r.n_voxels),
-            f"{r.mean_intensity:.1f}",
-            f"{r.std_intensity:.1f}",
+            format_intensity(r.mean_intensity),
+            format_intensity(r.std_intensity),
             "yes" if r.complete else "incomplete: " + ", ".join(r.incomplete_sides),
         ]
         for r in rows

@@ -79,13 +79,16 @@ def write_report(
     """
     out_dir = Path(out_dir)
     _refuse_input_folder(out_dir, image, mask)
-    ensure_writable_folder(out_dir)
     mask = align_mask(image, mask)
     spec = _resolve_spec(spec, mask)
+    ensure_writable_folder(out_dir)  # after the input checks (nothing is created for a refused input)
     table = structure_table(image, mask, spec)
     figs = render_figures(image, _row_layers(mask, spec, table), table)
     doc = _document(image, mask, table, figs.window, provenance)
     doc["input_warnings"] = list(input_warnings)
+    doc["warnings"] = _report_warnings(image, spec, table)
+    for text in doc["warnings"]:
+        logger.warning("%s: %s", image.meta.get("source", "image"), text)
 
     paths = {
         k: out_dir / n for k, n in (("csv", "volumes.csv"), ("json", "report.json"), ("html", "report.html"))
@@ -210,6 +213,31 @@ def _document(
         "not_found": table.not_found,
         "provenance": prov,
     }
+
+
+def _report_warnings(image: Volume, spec: LabelLayout, table: StructureTable) -> list[str]:
+    """What the reader of the report must know about how it was measured."""
+    out = []
+    if image.num_channels > 1:
+        out.append(
+            f"the image has {image.num_channels} channels (volumes); intensities are measured on the first "
+            "and the pictures show it"
+        )
+    if spec.source != "default":
+        undeclared = sorted(r.label for r in table.rows if spec.exclusive and r.label not in spec.values)
+        if undeclared:
+            out.append(
+                f"label value(s) {undeclared} of the mask are not named by {spec.source}; they are "
+                "reported as label_<value>"
+            )
+    arr = image.array[0]
+    if arr.dtype.kind == "f":
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            out.append(
+                f"{bad} voxel(s) of the image are NaN or infinite; intensity statistics leave them out"
+            )
+    return out
 
 
 def _resolve_spec(spec: LabelLayout | None, mask: Volume) -> LabelLayout:

@@ -31,7 +31,14 @@ from medseg.metrics.volume import AXIS_NAMES, touches_border, touches_border_lab
 from medseg.names import spreadsheet_safe
 from medseg.types import Volume
 
-__all__ = ["StructureRow", "StructureTable", "structure_table", "anatomical_side", "table_csv"]
+__all__ = [
+    "StructureRow",
+    "StructureTable",
+    "anatomical_side",
+    "format_intensity",
+    "structure_table",
+    "table_csv",
+]
 
 _SIDE_WORDS = {"R": "right", "L": "left", "A": "anterior", "P": "posterior", "S": "superior", "I": "inferior"}
 _FLIP = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
@@ -187,6 +194,11 @@ def structure_table(image: Volume, mask: Volume, spec: LabelLayout) -> Structure
     return StructureTable(rows=rows, not_found=not_found, spatial_dims=nd)
 
 
+def format_intensity(value: float) -> str:
+    """A mean or std for the tables: one decimal, or a dash when undefined (no finite voxel)."""
+    return f"{value:.1f}" if math.isfinite(value) else "–"
+
+
 def table_csv(table: StructureTable) -> str:
     """``volumes.csv`` text: the columns of :data:`CSV_COLUMNS`, one row per structure present."""
     buf = io.StringIO()
@@ -198,10 +210,10 @@ def table_csv(table: StructureTable) -> str:
             [
                 spreadsheet_safe(row.structure),  # names come from label maps: never a formula
                 row.label,
-                f"{row.size:.6g}",
+                f"{row.size:.6g}" if math.isfinite(row.size) else "",
                 row.n_voxels,
-                f"{row.mean_intensity:.6g}",
-                f"{row.std_intensity:.6g}",
+                f"{row.mean_intensity:.6g}" if math.isfinite(row.mean_intensity) else "",
+                f"{row.std_intensity:.6g}" if math.isfinite(row.std_intensity) else "",
                 "true" if row.complete else "false",
                 ";".join(row.incomplete_sides),
                 ";".join(row.border_sides),
@@ -225,18 +237,22 @@ def _stats_label_map(labels: np.ndarray, intensity: np.ndarray, spec: LabelLayou
     lut = np.zeros(max(present) + 1, dtype=np.int32)  # value -> compact index (1..K), 0 elsewhere
     lut[present] = np.arange(1, len(present) + 1, dtype=np.int32)
     k = len(present) + 1
-    n = np.zeros(k, dtype=np.int64)
+    n = np.zeros(k, dtype=np.int64)  # voxels (the volume)
+    n_finite = np.zeros(k, dtype=np.int64)  # voxels with a finite intensity (the statistics)
     total = np.zeros(k, dtype=np.float64)
     for lab, img in _slabs(labels, intensity):
         idx = lut[lab].ravel()
         n += np.bincount(idx, minlength=k)
-        total += np.bincount(idx, weights=img.ravel().astype(np.float64), minlength=k)
-    mean = total / np.maximum(n, 1)
+        idx, values = _finite(idx, img)
+        n_finite += np.bincount(idx, minlength=k)
+        total += np.bincount(idx, weights=values, minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n_finite > 0, total / np.maximum(n_finite, 1), np.nan)
     sq = np.zeros(k, dtype=np.float64)
     for lab, img in _slabs(labels, intensity):
-        idx = lut[lab].ravel()
-        sq += np.bincount(idx, weights=(img.ravel().astype(np.float64) - mean[idx]) ** 2, minlength=k)
-    std = np.sqrt(sq / np.maximum(n, 1))
+        idx, values = _finite(lut[lab].ravel(), img)
+        sq += np.bincount(idx, weights=(values - mean[idx]) ** 2, minlength=k)
+    std = np.where(n_finite > 0, np.sqrt(sq / np.maximum(n_finite, 1)), np.nan)
     sides = touches_border_labels(labels, present)
     boxes = ndi.find_objects(lut[labels], max_label=len(present))
     out = []
@@ -272,19 +288,28 @@ def _stats_channels(masks: np.ndarray, intensity: np.ndarray, spec: LabelLayout,
         if box is None:
             continue
         inside = intensity[box][m[box]].astype(np.float64)
+        finite = inside[np.isfinite(inside)]
         out.append(
             (
                 name,
                 int(value),
                 int(inside.size),
-                float(inside.mean()),
-                float(inside.std()),
+                float(finite.mean()) if finite.size else math.nan,
+                float(finite.std()) if finite.size else math.nan,
                 touches_border(m),
                 _centre(m[box], box),
                 tuple((int(s.start), int(s.stop)) for s in box),
             )
         )
     return out
+
+
+def _finite(idx: np.ndarray, img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Structure indices and float64 intensities of the voxels whose intensity is finite (NaN or
+    infinite voxels count in a structure's volume, not in its mean and std)."""
+    values = img.ravel().astype(np.float64)
+    ok = np.isfinite(values)
+    return (idx, values) if ok.all() else (idx[ok], values[ok])
 
 
 def _centre(crop: np.ndarray, box: tuple[slice, ...]) -> tuple[int, ...]:

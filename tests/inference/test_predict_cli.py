@@ -606,3 +606,32 @@ def test_progress_bar_only_on_a_terminal_and_not_with_quiet(
     assert "predict:" not in capsys.readouterr().err
     assert main([*args, "--output", str(tmp_path / "o3"), "-q"]) == 0  # after the subcommand too
     assert "predict:" not in capsys.readouterr().err
+
+
+def test_series_uid_picks_one_of_several_series_in_a_folder(bundle: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    write_dicom_series(_scan(AFFINES["LPS"]), mixed, series_uid="1.2.826.0.1.3680043.8.498.1")
+    other = write_dicom_series(
+        _scan(AFFINES["RAS"], shape=(32, 28, 10)), tmp_path / "b", series_uid="1.2.826.0.1.3680043.8.498.2"
+    )
+    for f in other.iterdir():
+        shutil.copy(f, mixed / f"B{f.name}")
+    base = ["predict", "--model", str(bundle), "--input", str(mixed), "--device", "cpu", "--no-progress"]
+    assert main([*base, "--output", str(tmp_path / "o1")]) == 1
+    assert "choose one with --series-uid" in capsys.readouterr().out
+    args = [
+        *base,
+        "--output",
+        str(tmp_path / "o2"),
+        "--series-uid",
+        "1.2.826.0.1.3680043.8.498.2",
+        "--format",
+        "both",
+    ]
+    assert main(args) == 0
+    pred = load_volume(tmp_path / "o2" / "mixed.nii.gz")
+    ref = load_volume(other)
+    assert pred.spatial_shape == ref.spatial_shape and np.allclose(pred.affine, ref.affine, atol=1e-4)
+    assert (tmp_path / "o2" / "mixed_seg.dcm").is_file()

@@ -295,3 +295,35 @@ def test_empty_mask_lists_everything_as_not_found(
     assert doc["structures"] == [] and doc["not_found"] == ["liver", "spleen", "kidney"]
     assert paths["csv"].read_text().count("\n") == 1  # header only
     assert "No structure was found" in paths["html"].read_text() and _pdf_pages(paths["pdf"]) == 3
+
+
+def test_report_says_what_it_left_out(ph: tuple[Volume, Volume], spec: LabelLayout, tmp_path: Path) -> None:
+    """NaN voxels are left out of the intensity statistics (no 'nan' cell, no numpy warning), a
+    multi-channel image and label values the label list does not name are reported, not silent."""
+    import csv
+    import warnings
+
+    img, lab = ph
+    arr = img.array.astype(np.float32)
+    arr[0, 2, 2, 2] = np.nan  # inside the liver: value 0 becomes NaN
+    two = np.concatenate([arr, arr * 2])
+    lab_arr = lab.array.copy()
+    lab_arr[0, 0:2, 0:2, 6:8] = 7  # a value the spec does not name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning from numpy on the NaN
+        paths = write_report(
+            Volume(two, img.affine, img.meta), lab.with_array(lab_arr), tmp_path / "r", spec=spec
+        )
+    rows = {r["structure"]: r for r in csv.DictReader(open(paths["csv"], newline=""))}
+    assert float(rows["liver"]["mean_intensity"]) == pytest.approx(np.mean(np.arange(1, 64)))
+    assert rows["liver"]["n_voxels"] == "64"  # the NaN voxel still counts in the volume
+    assert "nan" not in paths["csv"].read_text()
+    assert "label_7" in rows
+    doc = json.loads(paths["json"].read_text())
+    joined = " ".join(doc["warnings"])
+    assert (
+        "2 channels" in joined
+        and "label value(s) [7]" in joined
+        and "1 voxel(s) of the image are NaN" in joined
+    )
+    assert "Please note:" in paths["html"].read_text()
