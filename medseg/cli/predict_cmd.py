@@ -96,6 +96,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also write <case>_probabilities.npy (float16, channels first, input voxel order) + .json",
     )
+    o.add_argument(
+        "--anonymize",
+        action="store_true",
+        help="DICOM SEG: replace the patient's name and ID (copied from the source series, as the standard "
+        "requires) by a pseudonym and empty birth date, sex, accession number and similar identifiers",
+    )
     o.add_argument("--report", action="store_true", help="also write the organ-volume report <case>_report/")
     o.add_argument(
         "--combined-labels",
@@ -237,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
         progress=show_progress(args),
         max_memory_bytes=int(args.max_memory * 2**30) if args.max_memory is not None else None,
         series_uid=args.series_uid,
+        anonymize=args.anonymize,
     )
     manifest = predict_files(
         args.model, inputs, args.output, device=args.device, engine=engine, batch=batch, input_folders=folders

@@ -110,6 +110,7 @@ class BatchOptions:
     max_memory_bytes: int | None = None  # None: the kernel's MemAvailable
     combined_labels: bool = False  # sigmoid models: also <case>_labels<ext> (later structure wins)
     series_uid: str | None = None  # which series of DICOM folders that hold several
+    anonymize: bool = False  # DICOM SEG: pseudonymous patient identifiers only
 
 
 def group_inputs(inputs: list[Path], in_channels: int) -> list[tuple[str, list[Path]]]:
@@ -310,7 +311,8 @@ def _predict_loaded(
                 files += write_combined_labels(pred, bundle.plan, out_dir, case, ext=ext)
         if batch.output_format in ("dicom-seg", "both"):
             seg_path = safe_join(out_dir, f"{case}_seg.dcm")
-            files.append(write_seg(pred, bundle, source, seg_path, series_uid=batch.series_uid))
+            uid, anon = batch.series_uid, batch.anonymize
+            files.append(write_seg(pred, bundle, source, seg_path, series_uid=uid, anonymize=anon))
         if writer is not None:
             files += writer.close()
             writer = None

@@ -151,13 +151,21 @@ class ProbabilityWriter:
 
 
 def write_seg(
-    pred: Volume, bundle: Bundle, series_dir: Path, path: Path, *, series_uid: str | None = None
+    pred: Volume,
+    bundle: Bundle,
+    series_dir: Path,
+    path: Path,
+    *,
+    series_uid: str | None = None,
+    anonymize: bool = False,
 ) -> Path:
-    """``<case>_seg.dcm``: a DICOM SEG of the prediction referencing the input series."""
+    """``<case>_seg.dcm``: a DICOM SEG of the prediction referencing the input series (``anonymize``:
+    pseudonymous patient identifiers only)."""
     plan = bundle.plan
     values = plan.label_values if plan.mode == Mode.SOFTMAX else None
+    names = plan.structure_names
     return write_dicom_seg(
-        pred, series_dir, path, names=plan.structure_names, values=values, series_uid=series_uid
+        pred, series_dir, path, names=names, values=values, series_uid=series_uid, anonymize=anonymize
     )
 
 

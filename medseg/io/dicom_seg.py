@@ -530,6 +530,7 @@ def write_dicom_seg(
     algorithm: str = "medseg",
     algorithm_version: str = __version__,
     series_description: str = "medseg segmentation",
+    anonymize: bool = False,
 ) -> Path:
     """Write a prediction on a DICOM series as a DICOM Segmentation (BINARY, one segment per structure).
 
@@ -552,6 +553,10 @@ def write_dicom_seg(
         algorithm: Algorithm name recorded in the segments' algorithm identification.
         algorithm_version: Its version.
         series_description: SeriesDescription of the SEG.
+        anonymize: A SEG carries the source's patient module (the standard requires it): the patient's
+            name, ID and birth date, the accession number. With ``anonymize`` they are replaced by a
+            pseudonym (SHA-256 of the PatientID, first 10 hex digits) or emptied; UIDs are kept, as
+            they link the SEG to its source images.
 
     Returns:
         ``out_path``.
@@ -592,6 +597,8 @@ def write_dicom_seg(
             stacklevel=2,
         )
     generated = _repair_headers(files, headers, where=str(series_dir))
+    if anonymize:
+        _pseudonymise(headers)
     if generated:
         warnings.warn(
             f"{series_dir}: the source series has no {', '.join(generated)}; generated them "
@@ -637,6 +644,40 @@ def write_dicom_seg(
         "wrote DICOM SEG %s (%d segments, %d frames)", out_path, len(present), int(seg.NumberOfFrames)
     )
     return out_path
+
+
+def _pseudonymise(headers: Sequence[Any]) -> None:
+    """Replace what identifies the patient in the (in-memory) source headers the SEG copies its patient
+    and study modules from: PatientID and PatientName become the first 10 hex digits of the SHA-256 of
+    the PatientID (the pseudonym the report shows); birth date, sex, accession number, referring
+    physician, study ID and other patient identifiers are emptied. UIDs are kept: they are what links
+    the SEG to its source images."""
+    import hashlib
+
+    for ds in headers:
+        code = hashlib.sha256(str(ds.get("PatientID", "")).strip().encode("utf-8")).hexdigest()[:10]
+        ds.PatientID = code
+        ds.PatientName = code
+        for keyword in _IDENTIFYING:
+            if keyword in ds:
+                setattr(ds, keyword, "")
+
+
+_IDENTIFYING = (
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyID",
+    "InstitutionName",
+    "InstitutionAddress",
+)
+"""Patient and study attributes emptied by ``anonymize`` (besides PatientID and PatientName)."""
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -635,3 +635,44 @@ def test_series_uid_picks_one_of_several_series_in_a_folder(bundle: Path, tmp_pa
     ref = load_volume(other)
     assert pred.spatial_shape == ref.spatial_shape and np.allclose(pred.affine, ref.affine, atol=1e-4)
     assert (tmp_path / "o2" / "mixed_seg.dcm").is_file()
+
+
+def test_dicom_seg_carries_the_patient_module_unless_anonymized(bundle: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    import pydicom
+
+    series = write_dicom_series(
+        _scan(AFFINES["LPS"]), tmp_path / "in" / "s1", patient_id="MRN-4711", patient_name="Doe^Jane"
+    )
+    for f in series.iterdir():  # the usual identifiers of a clinical export
+        ds = pydicom.dcmread(f)
+        ds.PatientBirthDate, ds.AccessionNumber, ds.PatientSex = "19700101", "ACC123", "F"
+        ds.save_as(f)
+    base = [
+        "predict",
+        "--model",
+        str(bundle),
+        "--input",
+        str(series),
+        "--device",
+        "cpu",
+        "--format",
+        "dicom-seg",
+    ]
+    assert main([*base, "--output", str(tmp_path / "plain"), "--no-progress"]) == 0
+    seg = pydicom.dcmread(tmp_path / "plain" / "s1_seg.dcm")
+    assert (seg.PatientID, str(seg.PatientName), seg.PatientBirthDate) == ("MRN-4711", "Doe^Jane", "19700101")
+    assert main([*base, "--output", str(tmp_path / "anon"), "--no-progress", "--anonymize"]) == 0
+    seg = pydicom.dcmread(tmp_path / "anon" / "s1_seg.dcm")
+    code = hashlib.sha256(b"MRN-4711").hexdigest()[:10]
+    assert (seg.PatientID, str(seg.PatientName)) == (code, code)
+    assert (
+        seg.PatientBirthDate == ""
+        and seg.get("AccessionNumber", "") == ""
+        and seg.get("PatientSex", "") == ""
+    )
+    source = pydicom.dcmread(sorted(series.iterdir())[0])
+    assert seg.StudyInstanceUID == source.StudyInstanceUID  # still linked to its source images
+    text = (tmp_path / "anon" / "s1_seg.dcm").read_bytes()
+    assert b"Doe" not in text and b"MRN-4711" not in text and b"ACC123" not in text
