@@ -59,15 +59,15 @@ import numpy as np
 from medseg._version import __version__
 from medseg.errors import DataError
 from medseg.io._atomic import atomic_write
-from medseg.io.dicom import (
+from medseg.io.dicom._headers import (
     PROJECTION_MODALITIES,
     _classic_plane,
     _group_item,
     _n_frames,
     _Plane,
     _plane_from,
-    list_dicom_series,
 )
+from medseg.io.dicom.series import list_dicom_series
 from medseg.types import Volume
 
 logger = logging.getLogger(__name__)
