@@ -28,6 +28,7 @@ from medseg.errors import ConfigError
 __all__ = [
     "AxisStrides",
     "NetworkSpec",
+    "check_patch_dims",
     "default_strides",
     "plan_strides",
     "required_divisor",
@@ -151,6 +152,20 @@ def required_divisor(strides: Sequence[AxisStrides | int]) -> tuple[int, ...]:
     nd = max(len(s) for s in per_level)
     per_level = [tuple(s) * nd if len(s) == 1 else tuple(s) for s in per_level]
     return tuple(math.prod(s[d] for s in per_level) for d in range(nd))
+
+
+def check_patch_dims(
+    patch_size: Sequence[int], spatial_dims: int, *, what: str = "patch_size"
+) -> tuple[int, ...]:
+    """``patch_size`` as ints when it has one positive value per spatial axis, else :class:`ConfigError`
+    (the one check of a patch's length, for every API that takes a patch)."""
+    patch = tuple(int(p) for p in patch_size)
+    if len(patch) != spatial_dims or any(p < 1 for p in patch):
+        raise ConfigError(
+            f"{what} {list(patch_size)} has {len(patch)} values; expected {spatial_dims} positive integers "
+            "(one per spatial axis)"
+        )
+    return patch
 
 
 def _padded(shape: Sequence[int], divisor: Sequence[int]) -> tuple[int, ...]:

@@ -54,6 +54,7 @@ from medseg.models.spec import (
     AxisStrides,
     NetworkSpec,
     _padded,
+    check_patch_dims,
     default_strides,
     plan_strides,
     required_divisor,
@@ -460,10 +461,8 @@ def create_model(
     MODELS.get(model_cfg.name)  # an unknown name is reported before anything else
     if spatial_dims not in (2, 3):
         raise ConfigError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    if patch_size is not None and len(patch_size) != spatial_dims:
-        raise ConfigError(
-            f"patch_size {list(patch_size)} has {len(patch_size)} values; expected {spatial_dims}"
-        )
+    if patch_size is not None:
+        check_patch_dims(patch_size, spatial_dims)
     if spacing_mm is not None and len(spacing_mm) != spatial_dims:
         raise ConfigError(
             f"spacing_mm {list(spacing_mm)} has {len(spacing_mm)} values; expected {spatial_dims}"

@@ -56,10 +56,9 @@ import torch
 from torch import nn
 
 from medseg.config import Config
-from medseg.errors import ConfigError
 from medseg.labels import Mode
 from medseg.losses.compound import create_loss
-from medseg.models.spec import NetworkSpec, required_divisor, resolve_strides
+from medseg.models.spec import NetworkSpec, check_patch_dims, required_divisor, resolve_strides
 from medseg.models.unet import create_network
 from medseg.units import GB
 
@@ -195,12 +194,7 @@ class TrainingMemory:
 
     def estimate(self, patch_size: Sequence[int], *, batch_size: int | None = None) -> MemoryEstimate:
         """Estimated bytes of one training step at ``patch_size`` (and ``train.batch_size``)."""
-        patch = tuple(int(p) for p in patch_size)
-        if len(patch) != self.cfg.data.spatial_dims:
-            raise ConfigError(
-                f"patch size {list(patch)} has {len(patch)} values; data.spatial_dims is "
-                f"{self.cfg.data.spatial_dims}"
-            )
+        patch = check_patch_dims(patch_size, self.cfg.data.spatial_dims)
         batch = int(batch_size if batch_size is not None else self.cfg.train.batch_size)
         p = self.probe(self.strides(patch))
         voxels = math.prod(patch)
