@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """The ``predict`` subcommand: a flat list of argparse options, grouped as ``--help`` shows them."""
     p = sub.add_parser(
         "predict",
         help="predict label maps for scans with a trained run directory",

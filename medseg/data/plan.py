@@ -291,6 +291,21 @@ def plan_patch_size(
     return tuple(int(s) for s in shape), int(est)
 
 
+def plan_normalization(fp: Fingerprint, modality: str) -> tuple[ChannelNorm, ...]:
+    """Per channel: CT clipped to the 0.5-99.5 percentiles of the training foreground and z-scored with
+    its clipped mean and std (nnU-Net's CT scheme); other modalities z-scored per image."""
+    norms = []
+    for c in range(fp.in_channels):
+        if modality == "ct":
+            s = fp.foreground_samples[c]
+            lo, hi = (float(v) for v in np.percentile(s, [0.5, 99.5]))
+            clipped = np.clip(s, lo, hi)
+            norms.append(ChannelNorm("ct", lo, hi, float(clipped.mean()), float(clipped.std())))
+        else:
+            norms.append(ChannelNorm("zscore"))
+    return tuple(norms)
+
+
 def _patch_divisor(cfg: Config, divisor: int | None) -> tuple[int, ...]:
     """Multiple each planned patch side must be: the model's fixed strides, or ``2**(levels - 1)``
     (planned strides downsample an axis by at most 2 per level); combined with ``divisor``."""
@@ -385,15 +400,7 @@ def make_plan(
     logger.info(
         "training memory estimate: %s; budget train.memory_gb = %g GB", est.describe(), cfg.train.memory_gb
     )
-    norms = []
-    for c in range(fp.in_channels):
-        if data.modality == "ct":
-            s = fp.foreground_samples[c]
-            lo, hi = (float(v) for v in np.percentile(s, [0.5, 99.5]))
-            clipped = np.clip(s, lo, hi)
-            norms.append(ChannelNorm("ct", lo, hi, float(clipped.mean()), float(clipped.std())))
-        else:
-            norms.append(ChannelNorm("zscore"))
+    norms = plan_normalization(fp, data.modality)
     if data.mode is Mode.SOFTMAX:
         assert data.labels is not None
         names = tuple(data.structure_names)
@@ -410,7 +417,7 @@ def make_plan(
         in_channels=fp.in_channels,
         target_spacing_mm=spacing,
         patch_size=patch,
-        normalization=tuple(norms),
+        normalization=norms,
         crop_to_body=data.modality == "ct" and dims == 3,
         body_threshold=-500.0 if data.modality == "ct" else None,
         left_right_pairs=tuple(tuple(p) for p in data.left_right_pairs),

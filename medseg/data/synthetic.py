@@ -615,6 +615,9 @@ def synth_ct(
 
     Returns:
         ``out``.
+
+    Long because it is the one sequential script of the phantom dataset (cases, splits, DICOM copies,
+    ``dataset.json``); the anatomy is drawn by the helpers it calls.
     """
 
     out = Path(out)

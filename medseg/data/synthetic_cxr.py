@@ -120,6 +120,9 @@ def make_cxr_case(index: int, *, seed: int = 0, size: int = 256) -> tuple[np.nda
     Returns:
         ``(image, masks)``: uint8 image of shape ``(rows, columns) = (size, size)`` and boolean masks of
         the same shape keyed by structure name (patient's side; left lung on the image's right).
+
+    Long because the radiograph's anatomy is drawn in one pass, structure after structure, on shared
+    coordinate grids; splitting it would pass those grids around without making a step clearer.
     """
 
     rng = _cxr_rng(seed, index)

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from medseg.config import PredictConfig
 from medseg.data.canonical import SLAB_BYTES, canonical_grid, oriented_view
 from medseg.data.geometry import resampled_shape
-from medseg.data.plan import Plan
+from medseg.data.plan import ChannelNorm, Plan
 from medseg.data.preprocess import Layout, LazyInput, Preprocessing, zfirst
 from medseg.errors import ConfigError
 from medseg.inference.restore import Finaliser, ProbabilitySink, Restorer, logit, new_output
@@ -215,10 +215,7 @@ def segment(
     stats.input_warnings = prep.warnings
     for text in prep.warnings:
         logger.warning("%s: %s", image.meta.get("source", "input"), text)
-    air = None
-    if opts.skip_air and plan.body_threshold is not None:
-        # channel 0 decides, as for the body box (other channels may be normalised differently)
-        air = float(norms[0].apply(np.array([plan.body_threshold], np.float32))[0])
+    air = _air_level(norms, plan) if opts.skip_air else None
     out = new_output(layout, plan)
     view = oriented_view(out, layout.ornt)
     restorer = Restorer(layout, view, plan, threshold=opts.threshold, sink=sink, space=opts.resample)
@@ -226,10 +223,7 @@ def segment(
     patch = tuple(int(p) for p in plan.patch_size)
     padded = layout.padded_shape
     windows = window_slices(padded, patch, opts.overlap)
-    starts = [w[-1].start for w in windows]
-    step = max((b - a for a, b in zip(starts, starts[1:], strict=False)), default=0)
-    per_start = max(1, sum(1 for s in starts if s == starts[0]))
-    cap = patch[-1] + step * max(1, math.ceil((opts.batch_size - 1) / per_start))
+    cap = _ring_rows(windows, patch[-1], opts.batch_size)
     acc_dtype = np.float16 if opts.accumulator_dtype == "float16" else np.float32
     accum = Accumulator(cap, plan.out_channels, padded[:-1], acc_dtype)
     stats.windows, stats.layout = len(windows), layout
@@ -280,6 +274,23 @@ def segment(
     if not restorer.done:
         raise AssertionError("sliding windows did not cover the scan")
     return out
+
+
+def _air_level(norms: Sequence[ChannelNorm], plan: Plan) -> float | None:
+    """The normalised body threshold of channel 0 (as for the body box; other channels may be normalised
+    differently): windows at or below it everywhere are air and need not run. None without one."""
+    if plan.body_threshold is None:
+        return None
+    return float(norms[0].apply(np.array([plan.body_threshold], np.float32))[0])
+
+
+def _ring_rows(windows: Sequence[tuple[slice, ...]], patch_z: int, batch_size: int) -> int:
+    """Rows the accumulator ring must hold: a window, plus the steps a batch of windows can reach
+    ahead of the first row that is not final yet."""
+    starts = [w[-1].start for w in windows]
+    step = max((b - a for a, b in zip(starts, starts[1:], strict=False)), default=0)
+    per_start = max(1, sum(1 for s in starts if s == starts[0]))
+    return patch_z + step * max(1, math.ceil((batch_size - 1) / per_start))
 
 
 def _window_input(lazy: LazyInput, w: tuple[slice, ...]) -> np.ndarray:

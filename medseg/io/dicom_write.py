@@ -148,6 +148,8 @@ def write_dicom_series(
 
     Raises:
         DataError: The Volume is not single-channel 3D, has shear, NaNs, or the folder holds other files.
+
+    Long because it writes a DICOM object's modules attribute by attribute, in the standard's order.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian

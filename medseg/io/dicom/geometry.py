@@ -37,6 +37,9 @@ def _stack_geometry(planes: Sequence[_Plane], *, where: str) -> tuple[np.ndarray
 
     Raises:
         DataError: mixed orientations/spacings, duplicate positions, uneven gaps or gantry tilt.
+
+    Long because each check of the stack (orientation, spacing, matrix, gaps, duplicates, tilt) needs
+    the sorted positions and writes its own message with what to do.
     """
     ref = planes[0]
     for k, p in enumerate(planes[1:], start=1):

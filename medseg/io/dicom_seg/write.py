@@ -203,6 +203,8 @@ def write_dicom_seg(
         DataError: The labels are not on the series' grid, names/values do not fit the labels, the
             prediction is empty, the source is a 2D or multi-frame image, or ``out_path`` is inside
             ``series_dir``.
+
+    Long because it is the ordered sequence of one SEG's checks and highdicom's constructor arguments.
     """
     import highdicom as hd
     from pydicom.sr.coding import Code
