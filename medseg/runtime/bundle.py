@@ -172,9 +172,12 @@ def run_settings(run_dir: Path, *, warn: bool = True) -> tuple[PostProcessing, P
     return PostProcessing.from_config(cfg), cfg.predict
 
 
-def network_of(plan: Plan, checkpoint: dict[str, Any] | None, *, where: Path) -> NetworkSpec:
+def network_of(
+    plan: Plan, checkpoint: dict[str, Any] | None, *, where: Path, warn: bool = True
+) -> NetworkSpec:
     """The plan's network record; for a plan written before networks were recorded, derived once
-    from the checkpoint's model settings with the plan's patch and spacing (with a warning)."""
+    from the checkpoint's model settings with the plan's patch and spacing (with a warning unless
+    ``warn`` is false)."""
     if plan.network is not None:
         return plan.network
     saved = (checkpoint or {}).get("model_config")
@@ -193,8 +196,9 @@ def network_of(plan: Plan, checkpoint: dict[str, Any] | None, *, where: Path) ->
         f"{where}: plan.json predates network records; the network's strides were derived from the patch "
         f"and spacing ({[list(s) for s in spec.strides]}). `medseg convert-run {where}` records them"
     )
-    warnings.warn(message, DeprecationWarning, stacklevel=2)
-    logger.warning("%s", message)
+    if warn:
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        logger.warning("%s", message)
     return spec
 
 
@@ -270,9 +274,7 @@ def convert_run(run_dir: str | Path) -> list[str]:
     plan = Plan.load(run_dir / "plan.json")
     if plan.network is None and checkpoints:
         ck = load_checkpoint(checkpoints[0])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            spec = network_of(plan, ck, where=run_dir)
+        spec = network_of(plan, ck, where=run_dir, warn=False)
         replace(plan, network=spec).save(run_dir / "plan.json")
         done.append(f"{run_dir / 'plan.json'}: network recorded (strides {[list(s) for s in spec.strides]})")
     return done
