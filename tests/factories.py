@@ -62,3 +62,30 @@ def write_run(
     if config is not None:
         (run / "config.yaml").write_text(yaml.safe_dump(config))
     return run
+
+
+def signal_while_streaming(
+    run: Path, inputs: list[Path], out: Path, tmp: Path, sig: int
+) -> tuple[int, list[Path]]:
+    """Run ``medseg predict`` on ``inputs`` in a subprocess (temporary files in ``tmp``), send ``sig``
+    as soon as a DICOM series is being decoded into its temporary file, and wait for the process.
+
+    Returns the exit code and the temporary files that existed when the signal was sent.
+    """
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "TMPDIR": str(tmp), "MEDSEG_MALLOC": "default"}
+    cmd = [sys.executable, "-m", "medseg", "predict", "--model", str(run), "--input", *map(str, inputs)]
+    proc = subprocess.Popen([*cmd, "--output", str(out), "--no-progress", "--device", "cpu"], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp.glob("medseg-dicom-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        streaming = list(tmp.glob("medseg-dicom-*"))
+        proc.send_signal(sig)
+        return proc.wait(timeout=60), streaming
+    finally:
+        proc.kill()

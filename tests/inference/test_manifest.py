@@ -8,11 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-from factories import build_plan, write_run
+from factories import build_plan, signal_while_streaming, write_run
 
 from medseg.inference.manifest import Manifest
 from medseg.io import save_volume
@@ -53,19 +52,8 @@ def test_an_interrupted_run_keeps_its_finished_cases_in_the_manifest(tmp_path: P
     series = write_dicom_series(_scan(shape=(160, 160, 96)), tmp_path / "in" / "b_series")
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    cmd = [sys.executable, "-m", "medseg", "predict", "--model", str(run), "--input", str(first), str(series)]
-    env = {**os.environ, "TMPDIR": str(tmp), "MEDSEG_MALLOC": "default"}
-    proc = subprocess.Popen(
-        [*cmd, "--output", str(tmp_path / "o"), "--no-progress", "--device", "cpu"], env=env
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not list(tmp.glob("medseg-dicom-*")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)  # the second case is being decoded
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    finally:
-        proc.kill()
+    code, _ = signal_while_streaming(run, [first, series], tmp_path / "o", tmp, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM  # stopped while the second case was being decoded
     manifest = json.loads((tmp_path / "o" / "predict.json").read_text())
     assert [r["case"] for r in manifest["cases"]] == ["a_first"]
     assert manifest["failures"] == [
@@ -101,23 +89,12 @@ def test_a_killed_runs_temporary_scan_is_removed_by_the_next_run(tmp_path: Path)
     series = write_dicom_series(_scan(shape=(160, 160, 96)), tmp_path / "in" / "series1")
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp), "MEDSEG_MALLOC": "default"}
-    cmd = [sys.executable, "-m", "medseg", "predict", "--model", str(run), "--input", str(series)]
-    proc = subprocess.Popen(
-        [*cmd, "--output", str(tmp_path / "o"), "--no-progress", "--device", "cpu"], env=env
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not list(tmp.glob("medseg-dicom-*")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
+    signal_while_streaming(run, [series], tmp_path / "o", tmp, signal.SIGKILL)
     left = list(tmp.glob("medseg-dicom-*"))
     assert left, "a killed run leaves its temporary scan"
     other = tmp_path / "in2"
     save_volume(_scan(), other / "small.nii.gz")
+    env = {**os.environ, "TMPDIR": str(tmp), "MEDSEG_MALLOC": "default"}
     again = subprocess.run(
         [
             sys.executable,

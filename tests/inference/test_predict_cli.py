@@ -555,29 +555,16 @@ def test_predict_process_tunes_its_allocator(bundle: Path, tmp_path: Path) -> No
 
 def test_sigterm_removes_the_temporary_scan_file(bundle: Path, tmp_path: Path) -> None:
     """A `medseg predict` stopped by SIGTERM while streaming a DICOM series leaves no decoded copy."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
+
+    from factories import signal_while_streaming
 
     series = write_dicom_series(_scan(AFFINES["LPS"], shape=(160, 160, 96)), tmp_path / "in" / "series1")
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp)}
-    cmd = [sys.executable, "-m", "medseg", "predict", "--model", str(bundle), "--input", str(series)]
-    proc = subprocess.Popen(
-        [*cmd, "--output", str(tmp_path / "o"), "--no-progress", "--device", "cpu"], env=env
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not list(tmp.glob("medseg-dicom-*")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert list(tmp.glob("medseg-dicom-*")), "the series is streamed through a temporary file"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    finally:
-        proc.kill()
+    code, streaming = signal_while_streaming(bundle, [series], tmp_path / "o", tmp, signal.SIGTERM)
+    assert streaming, "the series is streamed through a temporary file"
+    assert code == 128 + signal.SIGTERM
     assert list(tmp.iterdir()) == []
     assert not (tmp_path / "o" / "series1.nii.gz").exists()
 
