@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from factories import build_plan
 
 from medseg.config import Config, load_config
 from medseg.data.plan import ChannelNorm, Fingerprint, Plan, make_plan, plan_patch_size
@@ -168,17 +169,12 @@ def test_make_plan_with_the_training_estimator_keeps_the_rng() -> None:
 
 
 def sample_plan(**kw: Any) -> Plan:
-    return Plan(
-        spatial_dims=3,
-        modality="ct",
-        mode="softmax",
-        structure_names=("a", "b"),
-        label_values=(1, 2),
-        in_channels=1,
+    return build_plan(
         target_spacing_mm=(1.0, 1.0, 2.0),
         patch_size=(32, 32, 16),
         normalization=(ChannelNorm("ct", -100, 200, 40.0, 50.0),),
         median_shape=MEDIAN,
+        body_threshold=None,
         **kw,
     )
 

@@ -4,10 +4,12 @@ TTA with left/right swaps, air-window skipping, and the memory estimate."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from factories import build_plan
 
 from medseg.data.canonical import CanonicalSlabs, canonical_grid, oriented_view
 from medseg.data.geometry import bbox_of
@@ -48,22 +50,17 @@ def sliding_window_logits(model, image: np.ndarray, patch, device, *, overlap: f
 
 
 def _plan(mode="softmax", *, spacing=(1.0, 1.0, 1.0), patch=(8, 8, 4), crop=False, dims=3, pairs=()) -> Plan:
-    names = ("left", "right", "other")
-    return Plan(
+    return build_plan(
         spatial_dims=dims,
-        modality="ct",
         mode=mode,
-        structure_names=names,
+        structure_names=("left", "right", "other"),
         label_values=(1, 2, 5) if mode == "softmax" else (),
-        in_channels=1,
         target_spacing_mm=spacing[:dims],
         patch_size=patch[:dims],
         normalization=(ChannelNorm("ct", -200.0, 250.0, 20.0, 80.0),),
         crop_to_body=crop,
         body_threshold=-500.0 if crop else None,
         left_right_pairs=pairs,
-        border_weights={},
-        median_shape=(10,) * dims,
     )
 
 
@@ -229,7 +226,7 @@ def test_uncovered_voxels_stay_background_at_any_threshold_in_logit_space():
     """Voxels only skipped windows cover are background, even with a threshold below their
     placeholder logit (sigmoid(-20) = 2e-9)."""
     plan = _plan("sigmoid", patch=(8, 8, 4))
-    plan = Plan(**{**plan.__dict__, "body_threshold": -500.0})
+    plan = replace(plan, body_threshold=-500.0)
     img = np.full((1, 40, 40, 16), -1000, np.int16)
     img[0, 2:8, 2:8, 2:6] = 100
     vol = Volume(img, np.eye(4))
@@ -291,7 +288,7 @@ def test_tta_respects_left_right_pairs():
 def test_air_windows_are_skipped_without_changing_the_result():
     """A scan that is mostly air: fewer windows run, and a network that calls air background agrees."""
     plan = _plan("softmax", patch=(8, 8, 4), crop=False)
-    plan = Plan(**{**plan.__dict__, "body_threshold": -500.0})
+    plan = replace(plan, body_threshold=-500.0)
     img = np.full((1, 40, 40, 16), -1000, np.int16)
     img[0, 4:12, 5:14, 3:9] = 100
     vol = Volume(img, np.eye(4))
@@ -406,13 +403,11 @@ def test_linear_taps_match_torch_interpolate():
 
 
 def test_memory_estimate_scales_with_classes_not_slices():
-    plan20 = Plan(
-        **{
-            **_plan("softmax").__dict__,
-            "structure_names": tuple(f"s{i}" for i in range(20)),
-            "label_values": tuple(range(1, 21)),
-            "patch_size": (64, 64, 32),
-        }
+    plan20 = replace(
+        _plan("softmax"),
+        structure_names=tuple(f"s{i}" for i in range(20)),
+        label_values=tuple(range(1, 21)),
+        patch_size=(64, 64, 32),
     )
     opts = EngineOptions(batch_size=2)
     short = estimate_memory(Volume(np.zeros((1, 2, 2, 2), np.int16), np.eye(4)), plan20, opts)

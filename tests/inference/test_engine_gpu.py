@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from factories import build_plan
 
 from medseg.data.plan import ChannelNorm, Plan
 from medseg.inference.engine import EngineOptions, EngineStats, segment
@@ -16,21 +17,13 @@ pytestmark = pytest.mark.gpu
 
 
 def _plan() -> Plan:
-    return Plan(
-        spatial_dims=3,
-        modality="ct",
-        mode="softmax",
+    return build_plan(
         structure_names=("a", "b", "c"),
         label_values=(1, 2, 3),
-        in_channels=1,
         target_spacing_mm=(1.5, 1.5, 2.0),
         patch_size=(32, 32, 16),
         normalization=(ChannelNorm("ct", -200.0, 250.0, 20.0, 80.0),),
-        crop_to_body=True,
-        body_threshold=-500.0,
         left_right_pairs=(("a", "b"),),
-        border_weights={},
-        median_shape=(64, 64, 32),
     )
 
 

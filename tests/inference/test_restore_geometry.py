@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from factories import build_plan
 
 from medseg.data.geometry import resampled_shape
-from medseg.data.plan import ChannelNorm, Plan
+from medseg.data.plan import Plan
 from medseg.data.preprocess import preprocess_case
 from medseg.inference.restore import restore_to_original
 from medseg.types import Volume
@@ -63,18 +64,11 @@ def pre_ornt(image: Volume) -> np.ndarray:
 
 
 def _plan(mode: str, spacing=(1.6, 1.6, 3.0)) -> Plan:
-    return Plan(
-        spatial_dims=3,
-        modality="ct",
+    return build_plan(
         mode=mode,
-        structure_names=("a", "b"),
         label_values=(3, 7) if mode == "softmax" else (),
-        in_channels=1,
         target_spacing_mm=spacing,
         patch_size=(32, 32, 8),
-        normalization=(ChannelNorm("ct", -1000, 1000, 0, 500),),
-        crop_to_body=True,
-        body_threshold=-500.0,
     )
 
 
