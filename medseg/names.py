@@ -8,12 +8,32 @@ characters, :func:`check_label_name` accepts display names from label maps, and
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import logging
+import os
 import re
+import secrets
 from pathlib import Path
 
 from medseg.errors import ConfigError, DataError
 
-__all__ = ["MAX_NAME_LENGTH", "check_label_name", "check_name", "safe_join", "spreadsheet_safe"]
+__all__ = [
+    "MAX_NAME_LENGTH",
+    "PSEUDONYM_KEY_ENV",
+    "check_label_name",
+    "check_name",
+    "pseudonym",
+    "safe_join",
+    "spreadsheet_safe",
+]
+
+logger = logging.getLogger(__name__)
+
+PSEUDONYM_KEY_ENV = "MEDSEG_PSEUDONYM_KEY"
+"""Environment variable holding a site secret that keys patient pseudonyms (stable across runs)."""
+_PROCESS_KEY = secrets.token_bytes(32)
+_said_random = False
 
 MAX_NAME_LENGTH = 128
 _NAME = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{MAX_NAME_LENGTH - 1}}}")
@@ -85,3 +105,24 @@ def safe_join(base: str | Path, *parts: str) -> Path:
     if root != out.resolve() and root not in out.resolve().parents:
         raise DataError(f"{out}: refusing to write outside the output folder {base}")
     return out
+
+
+def pseudonym(patient_id: str) -> str:
+    """A patient's pseudonym: the first 16 hex digits of the HMAC-SHA256 of the (whitespace-stripped)
+    patient ID.
+
+    The key is the site secret in ``MEDSEG_PSEUDONYM_KEY`` (the same patient gets the same pseudonym in
+    every run of that site), else a random key of this process (the same within one run only). An
+    unkeyed hash would not do: an ID of a few digits is recovered by hashing every candidate.
+    """
+    global _said_random
+    secret = os.environ.get(PSEUDONYM_KEY_ENV, "")
+    if not secret and not _said_random:
+        logger.info(
+            "patient pseudonyms are keyed by a random key of this run (set %s to a site secret for "
+            "pseudonyms that stay the same across runs)",
+            PSEUDONYM_KEY_ENV,
+        )
+        _said_random = True
+    key = secret.encode("utf-8") if secret else _PROCESS_KEY
+    return hmac.new(key, patient_id.strip().encode("utf-8"), hashlib.sha256).hexdigest()[:16]

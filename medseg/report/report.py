@@ -5,13 +5,13 @@
 The mask must lie on the scan's own grid (volumes are counted there); a mask stored with its axes in
 another order or direction but covering the same voxel centres is reordered to the scan's storage
 order, anything else is refused. Patient identifiers are never written: a DICOM ``PatientID`` appears
-only as a pseudonym (the first 10 hex digits of its SHA-256).
+only as a pseudonym (:func:`medseg.names.pseudonym`: keyed by a site secret, or by a random key of
+the run).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import math
@@ -24,6 +24,7 @@ import numpy as np
 from medseg.errors import DataError
 from medseg.io._atomic import atomic_write, ensure_writable_folder
 from medseg.labels import LabelLayout, Mode, default_labels
+from medseg.names import pseudonym
 from medseg.report.figures import RowLayers, is_ct, overview_png, render_figures
 from medseg.report.html import render_html
 from medseg.report.table import StructureTable, structure_table, table_csv
@@ -42,7 +43,10 @@ COMPLETENESS_NOTE = (
     "it touches): its size is a lower bound. Structures of the label list with no voxel in the mask are "
     "listed as not found, not as 0."
 )
-PSEUDONYM_NOTE = "first 10 hex digits of SHA-256(PatientID); the patient ID itself is not stored"
+PSEUDONYM_NOTE = (
+    "first 16 hex digits of HMAC-SHA256(PatientID), keyed by the site's MEDSEG_PSEUDONYM_KEY (else by a "
+    "random key of this run); the patient ID itself is not stored"
+)
 
 
 def write_report(
@@ -164,16 +168,6 @@ def scan_facts(image: Volume) -> dict[str, Any]:
         facts["patient_pseudonym"] = pseudonym(str(meta["patient_id"]))
         facts["patient_pseudonym_method"] = PSEUDONYM_NOTE
     return facts
-
-
-def pseudonym(patient_id: str) -> str:
-    """First 10 hex digits of the SHA-256 of a patient ID (whitespace-stripped).
-
-    Example:
-        >>> pseudonym("PHANTOM")
-        '740773781f'
-    """
-    return hashlib.sha256(patient_id.strip().encode("utf-8")).hexdigest()[:10]
 
 
 # ------------------------------------------------------------------------------------------------

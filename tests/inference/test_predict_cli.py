@@ -624,17 +624,36 @@ def test_series_uid_picks_one_of_several_series_in_a_folder(bundle: Path, tmp_pa
     assert (tmp_path / "o2" / "mixed_seg.dcm").is_file()
 
 
-def test_dicom_seg_carries_the_patient_module_unless_anonymized(bundle: Path, tmp_path: Path) -> None:
-    import hashlib
-
+def test_dicom_seg_carries_the_patient_module_unless_anonymized(
+    bundle: Path, tmp_path: Path, monkeypatch
+) -> None:
     import pydicom
+    from pydicom.dataset import Dataset
 
+    from medseg.names import pseudonym
+
+    monkeypatch.setenv("MEDSEG_PSEUDONYM_KEY", "site-secret")
     series = write_dicom_series(
-        _scan(AFFINES["LPS"]), tmp_path / "in" / "s1", patient_id="MRN-4711", patient_name="Doe^Jane"
+        _scan(AFFINES["LPS"]), tmp_path / "in" / "s1", patient_id="12345678", patient_name="Doe^Jane"
     )
-    for f in series.iterdir():  # the usual identifiers of a clinical export
+    identifying = {  # what a clinical export carries besides name and ID
+        "PatientBirthDate": "19700101",
+        "AccessionNumber": "ACC123",
+        "PatientSex": "F",
+        "IssuerOfPatientID": "St Mary Hospital",
+        "PatientComments": "Jane Doe, 5 Main St",
+        "StudyDescription": "CT abdomen Jane Doe",
+        "PhysiciansOfRecord": "House^Gregory",
+        "AdditionalPatientHistory": "seen by Dr Quinn",
+        "StudyDate": "20240102",
+    }
+    for f in series.iterdir():
         ds = pydicom.dcmread(f)
-        ds.PatientBirthDate, ds.AccessionNumber, ds.PatientSex = "19700101", "ACC123", "F"
+        for keyword, value in identifying.items():
+            setattr(ds, keyword, value)
+        other = Dataset()
+        other.PatientID = "OTHER-99"
+        ds.OtherPatientIDsSequence = [other]
         ds.save_as(f)
     base = [
         "predict",
@@ -649,10 +668,10 @@ def test_dicom_seg_carries_the_patient_module_unless_anonymized(bundle: Path, tm
     ]
     assert main([*base, "--output", str(tmp_path / "plain"), "--no-progress"]) == 0
     seg = pydicom.dcmread(tmp_path / "plain" / "s1_seg.dcm")
-    assert (seg.PatientID, str(seg.PatientName), seg.PatientBirthDate) == ("MRN-4711", "Doe^Jane", "19700101")
+    assert (seg.PatientID, str(seg.PatientName), seg.PatientBirthDate) == ("12345678", "Doe^Jane", "19700101")
     assert main([*base, "--output", str(tmp_path / "anon"), "--no-progress", "--anonymize"]) == 0
     seg = pydicom.dcmread(tmp_path / "anon" / "s1_seg.dcm")
-    code = hashlib.sha256(b"MRN-4711").hexdigest()[:10]
+    code = pseudonym("12345678")
     assert (seg.PatientID, str(seg.PatientName)) == (code, code)
     assert (
         seg.PatientBirthDate == ""
@@ -662,4 +681,5 @@ def test_dicom_seg_carries_the_patient_module_unless_anonymized(bundle: Path, tm
     source = pydicom.dcmread(sorted(series.iterdir())[0])
     assert seg.StudyInstanceUID == source.StudyInstanceUID  # still linked to its source images
     text = (tmp_path / "anon" / "s1_seg.dcm").read_bytes()
-    assert b"Doe" not in text and b"MRN-4711" not in text and b"ACC123" not in text
+    for value in ["Doe", "12345678", "OTHER-99", *identifying.values()]:
+        assert value.encode() not in text, value

@@ -26,6 +26,7 @@ from medseg.io.dicom_seg._common import (
     _segment_description,
     _select_source,
 )
+from medseg.names import pseudonym
 from medseg.types import Volume
 
 logger = logging.getLogger(__name__)
@@ -191,10 +192,11 @@ def write_dicom_seg(
         algorithm: Algorithm name recorded in the segments' algorithm identification.
         algorithm_version: Its version.
         series_description: SeriesDescription of the SEG.
-        anonymize: A SEG carries the source's patient module (the standard requires it): the patient's
-            name, ID and birth date, the accession number. With ``anonymize`` they are replaced by a
-            pseudonym (SHA-256 of the PatientID, first 10 hex digits) or emptied; UIDs are kept, as
-            they link the SEG to its source images.
+        anonymize: A SEG carries the source's patient and study modules (the standard requires them):
+            the patient's name, ID and birth date, the accession number, whatever else the source has.
+            With ``anonymize`` only an allow-list of structural attributes of the source is used and
+            the patient appears as a pseudonym (:func:`medseg.names.pseudonym`); UIDs are kept, as they
+            link the SEG to its source images.
 
     Returns:
         ``out_path``.
@@ -238,7 +240,7 @@ def write_dicom_seg(
         )
     generated = _repair_headers(files, headers, where=str(series_dir))
     if anonymize:
-        _pseudonymise(headers)
+        headers = _pseudonymised(headers)
     if generated:
         warnings.warn(
             f"{series_dir}: the source series has no {', '.join(generated)}; generated them "
@@ -286,35 +288,65 @@ def write_dicom_seg(
     return out_path
 
 
-def _pseudonymise(headers: Sequence[Any]) -> None:
-    """Replace what identifies the patient in the (in-memory) source headers the SEG copies its patient
-    and study modules from: PatientID and PatientName become the first 10 hex digits of the SHA-256 of
-    the PatientID (the pseudonym the report shows); birth date, sex, accession number, referring
-    physician, study ID and other patient identifiers are emptied. UIDs are kept: they are what links
-    the SEG to its source images."""
-    import hashlib
+def _pseudonymised(headers: Sequence[Any]) -> list[Any]:
+    """Copies of the source headers with only what the SEG needs of them: an allow-list of the
+    structural attributes (UIDs that link the SEG to its images, geometry, pixel description), the
+    patient's pseudonym (:func:`medseg.names.pseudonym`) as PatientID and PatientName, and the type-2
+    patient and study attributes the standard requires, empty. highdicom copies the whole patient and
+    study modules of its source, so a block-list would leave whatever tag it did not foresee (other IDs,
+    comments, physicians, descriptions naming the patient)."""
+    from pydicom.dataset import Dataset
 
+    out = []
     for ds in headers:
-        code = hashlib.sha256(str(ds.get("PatientID", "")).strip().encode("utf-8")).hexdigest()[:10]
-        ds.PatientID = code
-        ds.PatientName = code
-        for keyword in _IDENTIFYING:
+        new = Dataset()
+        if hasattr(ds, "file_meta"):
+            new.file_meta = ds.file_meta
+        for keyword in _STRUCTURAL:
             if keyword in ds:
-                setattr(ds, keyword, "")
+                new[keyword] = ds[keyword]
+        code = pseudonym(str(ds.get("PatientID", "")))
+        new.PatientID, new.PatientName = code, code
+        for keyword in _REQUIRED_EMPTY:
+            setattr(new, keyword, "")
+        out.append(new)
+    return out
 
 
-_IDENTIFYING = (
+_STRUCTURAL = (
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+    "Modality",
+    "SeriesNumber",
+    "InstanceNumber",
+    "ImageType",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+)
+"""What ``anonymize`` keeps of a source header."""
+_REQUIRED_EMPTY = (
     "PatientBirthDate",
     "PatientSex",
-    "PatientAge",
-    "OtherPatientIDs",
-    "OtherPatientNames",
-    "PatientAddress",
-    "PatientTelephoneNumbers",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
     "AccessionNumber",
     "ReferringPhysicianName",
-    "StudyID",
-    "InstitutionName",
-    "InstitutionAddress",
 )
-"""Patient and study attributes emptied by ``anonymize`` (besides PatientID and PatientName)."""
+"""Type-2 patient and study attributes: present (the standard requires them) and empty."""
