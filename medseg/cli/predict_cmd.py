@@ -198,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
 
     from medseg.inference.predict import BatchOptions, check_output_folder, predict_files
     from medseg.io._atomic import ensure_writable_folder
+    from medseg.units import GB
 
     if args.max_memory is not None and not 0 < args.max_memory < float("inf"):
         raise MedsegError(f"--max-memory {args.max_memory}: expected a positive number of GB (e.g. 8)")
@@ -242,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
         combined_labels=args.combined_labels,
         overwrite=args.overwrite,
         progress=show_progress(args),
-        max_memory_bytes=int(args.max_memory * 2**30) if args.max_memory is not None else None,
+        max_memory_bytes=int(args.max_memory * GB) if args.max_memory is not None else None,
         series_uid=args.series_uid,
         anonymize=args.anonymize,
     )

@@ -9,8 +9,10 @@ one folder at the same time both end up in it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -20,31 +22,66 @@ from typing import Any
 
 from medseg.io._atomic import atomic_write
 
-__all__ = ["Manifest", "row_key"]
+__all__ = ["LOCK_NAME", "Manifest", "row_key"]
+
+logger = logging.getLogger(__name__)
 
 
 def row_key(row: dict[str, Any]) -> tuple[str, str]:
-    """Rows are matched by case name and input (a list of channel files is one input)."""
+    """Rows (and failures) are matched by case name and input (a list of channel files is one input)."""
     return str(row.get("case")), str(row.get("input"))
+
+
+LOCK_NAME = ".predict.json.lock"
+_NO_LOCKS = (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)
 
 
 @contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock on the folder itself (no lock file is left among the outputs)."""
-    fd = os.open(folder, os.O_RDONLY)
+    """An exclusive lock on ``folder/.predict.json.lock`` (a file opened for writing, as network file
+    systems need for an exclusive lock); where the file system has no locks, the write goes on unlocked
+    with a warning."""
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                raise
+            logger.warning("%s: no file locks here (%s); predict.json is written unlocked", folder, exc)
         yield
     finally:
         os.close(fd)  # closing releases the lock
 
 
+def _stamped(rows: list[Any], created: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """Case rows of a manifest by key; a row its run predicted gets that run's time (``predicted``),
+    a row it skipped keeps its own."""
+    out = {}
+    for r in rows:
+        if isinstance(r, dict) and "case" in r:
+            stamp = {} if r.get("skipped") or "predicted" in r or not created else {"predicted": created}
+            out[row_key(r)] = {**stamp, **r}
+    return out
+
+
 def _read(path: Path) -> dict[str, Any]:
+    """``predict.json`` as a mapping with list-valued ``cases`` and ``failures``; an unreadable one is
+    reported and treated as empty (it is then replaced)."""
+    if not path.exists():
+        return {}
     try:
         data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        logger.warning("%s: not readable (%s); it is replaced and its earlier rows are lost", path, exc)
         return {}
+    if not isinstance(data, dict):
+        data = {}
+    for key in ("cases", "failures"):
+        if not isinstance(data.get(key, []), list):
+            logger.warning("%s: %r is not a list; left out", path, key)
+            data[key] = []
+    return data
 
 
 class Manifest:
@@ -59,20 +96,10 @@ class Manifest:
         self.path = Path(out_dir) / "predict.json"
         self.header = header
         self.rows: dict[tuple[str, str], dict[str, Any]] = {}
-        self.failures: dict[str, dict[str, Any]] = {}
+        self.failures: dict[tuple[str, str], dict[str, Any]] = {}
         self.t_start = time.perf_counter()
-        self._earlier = self._earlier_rows()
-
-    def _earlier_rows(self) -> dict[tuple[str, str], dict[str, Any]]:
-        """Rows of the manifest already in the folder; a row predicted by that run gets its time
-        (``predicted``), a row it had skipped keeps its own."""
         old = _read(self.path)
-        rows = {}
-        for r in old.get("cases", []):
-            if isinstance(r, dict) and "case" in r:
-                stamp = {} if r.get("skipped") or "predicted" in r else {"predicted": old.get("created")}
-                rows[row_key(r)] = {**stamp, **r}
-        return rows
+        self._earlier = _stamped(old.get("cases", []), old.get("created"))
 
     def earlier(self, case: str, input_: Any) -> dict[str, Any] | None:
         """What an earlier run recorded for a case (``None`` if nothing)."""
@@ -81,12 +108,14 @@ class Manifest:
     def add(self, row: dict[str, Any]) -> None:
         """Record a predicted or skipped case (its failure, if any, is forgotten) and write."""
         self.rows[row_key(row)] = row
-        self.failures.pop(str(row.get("input")), None)
+        self.failures.pop(row_key(row), None)
         self.write()
 
-    def fail(self, input_: str, error: str) -> None:
-        """Record a failed case and write."""
-        self.failures[str(input_)] = {"input": str(input_), "error": error}
+    def fail(self, case: str, input_: Any, error: str) -> None:
+        """Record a failed case (an earlier row of it is dropped) and write."""
+        failure = {"case": case, "input": input_, "error": error}
+        self.failures[row_key(failure)] = failure
+        self.rows.pop(row_key(failure), None)
         self.write()
 
     @property
@@ -111,17 +140,21 @@ class Manifest:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(self.path.parent):
             on_disk = _read(self.path)
-            merged = {row_key(r): r for r in on_disk.get("cases", []) if isinstance(r, dict) and "case" in r}
-            for key, r in merged.items():
-                if "predicted" not in r and not r.get("skipped") and on_disk.get("created"):
-                    merged[key] = {"predicted": on_disk["created"], **r}
+            merged = _stamped(on_disk.get("cases", []), on_disk.get("created"))
+            for key in self.failures:
+                merged.pop(key, None)
             merged.update(self.rows)
-            done_inputs = {str(r.get("input")) for r in merged.values()}
-            failures = {
-                str(f.get("input")): f
-                for f in on_disk.get("failures", [])
-                if isinstance(f, dict) and str(f.get("input")) not in done_inputs
-            }
+            done = set(merged)
+            done_inputs = {key[1] for key in done}
+            failures = {}
+            for f in on_disk.get("failures", []):
+                if not isinstance(f, dict):
+                    continue
+                key = row_key(f)
+                # a failure of an earlier run is over once the case has a row (older manifests name only
+                # the input of a failure)
+                if key not in done and not ("case" not in f and key[1] in done_inputs):
+                    failures[key] = f
             failures.update(self.failures)
             document = {**doc, "cases": list(merged.values()), "failures": list(failures.values())}
             with atomic_write(self.path) as tmp:

@@ -52,6 +52,7 @@ from medseg.labels import Mode
 from medseg.names import safe_join
 from medseg.runtime.bundle import Bundle, load_bundle
 from medseg.types import Volume
+from medseg.units import GB, MB
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def check_memory(vol: Volume, bundle: Bundle, opts: EngineOptions, limit: int | 
 
     est = estimate_memory(vol, bundle.plan, opts, params=bundle.n_params)
     avail = limit if limit is not None else available_memory()
-    gb = 2.0**30
+    gb = GB
     logger.info(
         "%s: memory needed ~%.2f GB (accumulator %.2f GB, output %.2f GB), available %s",
         vol.meta.get("source", "scan"),
@@ -325,13 +326,13 @@ def _predict_loaded(
         raise
     t_end = time.perf_counter()
     return {
-        "input": [str(p) for p in paths] if len(paths) > 1 else str(source),
+        "input": row_input(paths),
         "case": case,
         "outputs": [str(f) for f in files],
         "windows": stats.windows,
         "windows_run": stats.windows_run,
         "coarse_windows_run": stats.coarse_windows_run,
-        "memory_estimate_gb": round(est["total"] / 2**30, 3),
+        "memory_estimate_gb": round(est["total"] / GB, 3),
         **({"input_warnings": list(stats.input_warnings)} if stats.input_warnings else {}),
         "seconds": {
             "read": round(t_read - t0, 3),
@@ -399,13 +400,18 @@ def predict_files(
     current = None
     try:
         for name, paths in tqdm(cases, desc="predict", disable=not batch.progress):
-            current = paths[0]
+            current = name, paths
             _predict_or_skip(bundle, name, paths, out_dir, opts, batch, manifest)
             current = None
     finally:
         if current is not None:  # interrupted (SIGTERM, Ctrl-C): say so, keep what is done
-            manifest.fail(str(current), "interrupted before this case was finished")
-    return manifest.write({"peak_rss_mb": round(peak_rss_bytes() / 2**20, 1)})
+            manifest.fail(current[0], row_input(current[1]), "interrupted before this case was finished")
+    return manifest.write({"peak_rss_mb": round(peak_rss_bytes() / MB, 1)})
+
+
+def row_input(paths: list[Path]) -> str | list[str]:
+    """How a case's input is recorded in ``predict.json``: its file or folder, or its channel files."""
+    return [str(p) for p in paths] if len(paths) > 1 else str(paths[0])
 
 
 def _predict_or_skip(
@@ -418,7 +424,7 @@ def _predict_or_skip(
     manifest: Manifest,
 ) -> None:
     """Predict one case into the manifest, skip it when its outputs exist, or record its failure."""
-    row_input: Any = [str(p) for p in paths] if len(paths) > 1 else str(paths[0])
+    recorded = row_input(paths)
     try:
         case_batch = batch
         if batch.output_format == "both" and not paths[0].is_dir():
@@ -426,7 +432,7 @@ def _predict_or_skip(
             case_batch = replace(batch, output_format="nifti")
         expected = _expected_outputs(out_dir, name, paths[0], bundle.plan, case_batch)
         if all(p.exists() for p in expected) and not batch.overwrite:
-            earlier = manifest.earlier(name, row_input) or {"input": row_input, "case": name}
+            earlier = manifest.earlier(name, recorded) or {"input": recorded, "case": name}
             manifest.add({**earlier, "skipped": True})
             return
         manifest.add(predict_case(bundle, paths, out_dir, name, opts, case_batch))
@@ -434,7 +440,7 @@ def _predict_or_skip(
         msg = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
         msg = msg.removeprefix(f"{paths[0]}: ")  # the path is printed beside it
         logger.error("%s: %s", paths[0], msg)
-        manifest.fail(str(paths[0]), msg)
+        manifest.fail(name, recorded, msg)
 
 
 def _header(bundle: Bundle, opts: EngineOptions, batch: BatchOptions) -> dict[str, Any]:

@@ -57,7 +57,7 @@ def test_an_interrupted_run_keeps_its_finished_cases_in_the_manifest(tmp_path: P
     manifest = json.loads((tmp_path / "o" / "predict.json").read_text())
     assert [r["case"] for r in manifest["cases"]] == ["a_first"]
     assert manifest["failures"] == [
-        {"input": str(series), "error": "interrupted before this case was finished"}
+        {"case": "b_series", "input": str(series), "error": "interrupted before this case was finished"}
     ]
 
 
@@ -119,3 +119,31 @@ def test_a_killed_runs_temporary_scan_is_removed_by_the_next_run(tmp_path: Path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert list(tmp.iterdir()) == []
     assert "left behind by a process that no longer runs" in again.stderr
+
+
+def test_a_failure_replaces_the_earlier_row_of_its_case_and_a_success_clears_the_failure(
+    tmp_path: Path,
+) -> None:
+    first = Manifest(tmp_path, {"model": "m1"})
+    first.add({"case": "x", "input": "x.nii", "outputs": ["x.nii.gz"]})
+    first.add({"case": "y", "input": ["y_0000.nii", "y_0001.nii"], "outputs": ["y.nii.gz"]})
+    second = Manifest(tmp_path, {"model": "m2"})
+    second.fail("x", "x.nii", "unreadable")
+    second.fail("y", ["y_0000.nii", "y_0001.nii"], "disk full")
+    doc = json.loads((tmp_path / "predict.json").read_text())
+    assert doc["cases"] == [] and [f["case"] for f in doc["failures"]] == ["x", "y"]
+    third = Manifest(tmp_path, {"model": "m3"})
+    third.add({"case": "y", "input": ["y_0000.nii", "y_0001.nii"], "outputs": ["y.nii.gz"]})
+    doc = json.loads((tmp_path / "predict.json").read_text())
+    assert [r["case"] for r in doc["cases"]] == ["y"] and [f["case"] for f in doc["failures"]] == ["x"]
+
+
+def test_a_damaged_manifest_is_replaced_with_a_warning(tmp_path: Path, caplog) -> None:
+    (tmp_path / "predict.json").write_text('{"cases": [], "failures": null}')
+    Manifest(tmp_path, {"model": "m"}).add({"case": "a", "input": "a.nii"})
+    assert json.loads((tmp_path / "predict.json").read_text())["cases"] == [{"case": "a", "input": "a.nii"}]
+    assert "'failures' is not a list" in caplog.text
+    (tmp_path / "predict.json").write_text("{not json")
+    Manifest(tmp_path, {"model": "m"}).add({"case": "b", "input": "b.nii"})
+    assert "not readable" in caplog.text
+    assert [r["case"] for r in json.loads((tmp_path / "predict.json").read_text())["cases"]] == ["b"]
