@@ -96,7 +96,7 @@ def test_predict_refuses_a_model_whose_names_escape_the_output_folder(
         ["predict", "--model", str(run), "--input", str(img), "--output", str(out), "--device", "cpu"]
     )
     assert code == 2
-    assert "structure name '../../../x' is not allowed" in capsys.readouterr().err
+    assert "name '../../../x' is not allowed" in capsys.readouterr().err
     written = sorted(
         p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file() and "run" not in p.parts
     )

@@ -40,7 +40,7 @@ from medseg.errors import ConfigError, DataError
 from medseg.io._atomic import atomic_write
 from medseg.labels import LabelLayout, Mode
 from medseg.models.spec import NetworkSpec
-from medseg.names import check_name
+from medseg.names import check_label_name
 from medseg.units import GB, format_bytes
 
 logger = logging.getLogger(__name__)
@@ -99,9 +99,11 @@ class Plan:
         if self.mode not in tuple(Mode):
             raise ConfigError(f"plan: mode {self.mode!r} is neither 'softmax' nor 'sigmoid'")
         object.__setattr__(self, "mode", Mode(self.mode))
-        # a plan may come from another site's model folder: its names become output file names
+        # a plan may come from another site's model folder, and its names become output file names:
+        # no separators or leading dots (every output path is also joined with safe_join). Spaces are
+        # allowed here, as older configs allowed them (new configs are held to check_name)
         for name in self.structure_names:
-            check_name(name, where="plan")
+            check_label_name(name, where="plan")
         if self.mode is Mode.SOFTMAX and len(self.label_values) != len(self.structure_names):
             raise ConfigError(
                 f"plan: {len(self.structure_names)} structure names but {len(self.label_values)} label values"
@@ -148,8 +150,14 @@ class Plan:
             raise DataError(f"{path}: not a valid medseg plan.json ({exc})") from exc
 
     def preprocess_key(self) -> str:
-        """Hash of everything that changes the preprocessed arrays (the cache key)."""
+        """Hash of everything that changes the preprocessed arrays (the cache key).
+
+        The version is the code's (:data:`PREPROCESS_VERSION`), not the plan's: a run planned by an older
+        medseg and resumed now is trained on arrays made by today's preprocessing, which is what
+        prediction applies, not on what an older version cached.
+        """
         d = self.to_dict()
+        d["version"] = PREPROCESS_VERSION
         for key in _NOT_PREPROCESSING:
             d.pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

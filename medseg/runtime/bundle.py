@@ -266,12 +266,12 @@ def convert_run(run_dir: str | Path) -> list[str]:
         raise DataError(
             f"{run_dir}: not a medseg run directory (no plan.json); pass the folder `medseg train` made"
         )
+    plan = Plan.load(run_dir / "plan.json")  # a plan that cannot be used stops it before any rewrite
     done = []
     checkpoints = sorted((run_dir / "checkpoints").glob("*.pt"))
     for path in checkpoints:
         if convert_checkpoint(path):
-            done.append(f"{path}: converted to checkpoint format 2")
-    plan = Plan.load(run_dir / "plan.json")
+            done.append(f"{path}: converted to checkpoint format 2 (best validation score reset)")
     if plan.network is None and checkpoints:
         ck = load_checkpoint(checkpoints[0])
         spec = network_of(plan, ck, where=run_dir, warn=False)

@@ -216,5 +216,10 @@ def convert_checkpoint(path: str | Path) -> bool:
     payload["rng"] = _as_rng_v2(payload.get("rng"))
     if "rng_ranks" in payload:
         payload["rng_ranks"] = [_as_rng_v2(s) for s in payload["rng_ranks"]]
+    # format-1 runs validated on the resampled grid; today's validation scores what predict ships, on
+    # the original grid, and its numbers are not comparable: the next validation of a resumed run
+    # starts the comparison afresh (it becomes best.pt)
+    if "best_metric" in payload:
+        payload["best_metric"], payload["since_best"] = -1.0, 0
     save_checkpoint(path, payload)
     return True

@@ -60,7 +60,7 @@ def prepare(cfg: Config, ctx: DistContext, run_dir: Path, *, resume: bool, progr
     ck = None
     if resume:
         last = run_dir / "checkpoints" / "last.pt"
-        ck = load_checkpoint(last, map_location=device)
+        ck = load_checkpoint(last)  # on the CPU: RNG states must stay CPU tensors; weights move on load
         _check_resumable(ck, cfg, last)
 
     dataset = load_dataset(cfg.data)

@@ -232,5 +232,8 @@ def test_preprocess_key_ignores_memory_fields_and_matches_older_plans() -> None:
         d.pop(k)
     old_key = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     assert planned.preprocess_key() == old_key
+    # the key follows the code's preprocessing version, not the plan's: an older plan resumed today is
+    # trained on arrays made as prediction makes them
+    assert sample_plan(version=1).preprocess_key() == plain.preprocess_key()
     # but a preprocessing setting still changes it
     assert sample_plan(crop_to_body=False).preprocess_key() != plain.preprocess_key()

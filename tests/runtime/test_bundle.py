@@ -84,3 +84,18 @@ def test_best_falls_back_to_last_with_a_warning(tmp_path: Path, caplog: pytest.L
     bundle = load_bundle(run, device="cpu")
     assert bundle.checkpoint == "last.pt"
     assert "using checkpoints/last.pt" in caplog.text
+
+
+def test_an_older_run_with_spaces_in_its_names_still_loads_but_paths_do_not(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", build_plan())
+    d = json.loads((run / "plan.json").read_text())
+    d["structure_names"] = ["left kidney", "right kidney"]  # what older configs allowed
+    (run / "plan.json").write_text(json.dumps(d))
+    assert load_bundle(run, device="cpu").plan.structure_names == ("left kidney", "right kidney")
+    d["structure_names"] = ["left kidney", "../x"]
+    (run / "plan.json").write_text(json.dumps(d))
+    before = (run / "checkpoints" / "best.pt").read_bytes()
+    with pytest.raises(DataError, match=r"not a valid medseg plan.json.*'\.\./x' is not allowed"):
+        load_bundle(run, device="cpu")
+    assert main(["convert-run", str(run)]) == 2
+    assert (run / "checkpoints" / "best.pt").read_bytes() == before  # refused before any rewrite

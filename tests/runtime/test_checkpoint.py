@@ -114,6 +114,7 @@ def _format1(path: Path) -> dict:
     payload = {
         "model": {"w": torch.ones(2)},
         "epoch": 3,
+        "best_metric": 0.9,
         "rng": rng,
         "rng_ranks": [rng, rng],
         "world_size": 2,
@@ -138,6 +139,7 @@ def test_convert_run_rewrites_old_checkpoints_exactly(tmp_path: Path, capsys: py
     assert "last.pt: converted to checkpoint format 2" in capsys.readouterr().out
     ck = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ck["epoch"] == 3 and torch.equal(ck["model"]["w"], old["model"]["w"])
+    assert ck["best_metric"] == -1.0  # validation measured something else then: the next one is best
     assert len(ck["rng_ranks"]) == 2
     random.seed(0)
     np.random.seed(0)

@@ -201,3 +201,7 @@ def test_train_and_predict_on_cuda_with_amp(
     assert manifest["device"].startswith("cuda")
     pred, img = load_volume(Path(manifest["cases"][0]["outputs"][0])), load_volume(scan)
     assert pred.spatial_shape == img.spatial_shape and np.allclose(pred.affine, img.affine, atol=1e-5)
+    # resuming on CUDA: the RNG states in the checkpoint must come back as CPU tensors
+    resume = ["train", "--run-dir", str(run), "--resume", "--no-progress", "--device", "cuda"]
+    assert main([*resume, "--set", "train.epochs=3"]) == 0
+    assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2", "3"]
