@@ -214,6 +214,8 @@ def _from_config(path: Path) -> LabelLayout:
         raise ConfigError(f"--labels {path}: cannot read the config ({exc})") from exc
     labels, structures = data.get("labels"), data.get("structures")
     if isinstance(labels, Mapping) and labels:
+        if not all(_is_int(v) for v in labels.values()):
+            raise ConfigError(f"--labels {path}: data.labels must map names to integer values")
         items = sorted(((check_name(n, where=str(path)), int(v)) for n, v in labels.items()), key=_by_value)
         return LabelLayout(Mode.SOFTMAX, tuple(n for n, _ in items), tuple(v for _, v in items), str(path))
     if isinstance(structures, list) and structures:

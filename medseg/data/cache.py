@@ -35,6 +35,11 @@ def default_cache_dir() -> Path:
     return Path(base) / "medseg" / "preprocessed"
 
 
+def _sources(case: Any) -> list[Path]:
+    """Every file a case is read from: its images, its label map or its masks."""
+    return [*case.images, *([case.label] if case.label else []), *case.masks.values()]
+
+
 def _file_stamp(paths: Sequence[Path]) -> str:
     parts = []
     for p in paths:
@@ -91,7 +96,7 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 def cache_case(case: Any, plan: Plan, data_cfg: Any, cache_dir: Path) -> CachedCase:
     """Preprocess ``case`` unless a valid cached copy exists; returns the cached case."""
 
-    sources = [*case.images, *([case.label] if case.label else []), *case.masks.values()]
+    sources = _sources(case)
     folder = Path(cache_dir) / plan.preprocess_key()
     folder.mkdir(parents=True, exist_ok=True)
     stamp = _file_stamp(sources)
@@ -179,7 +184,7 @@ class OriginalCase:
 def cache_original(case: Any, data_cfg: Any, cache_dir: Path) -> OriginalCase:
     """The cache entry of ``case`` as read with ``data_cfg``; its files are read (once) when the image
     or label is first asked for, so a process touches only the cases it uses."""
-    sources = [*case.images, *([case.label] if case.label else []), *case.masks.values()]
+    sources = _sources(case)
     # what load_case returns depends on the files and on how the config reads them
     reading = [_file_stamp(sources), data_cfg.spatial_dims, data_cfg.mode, data_cfg.structure_names]
     key = hashlib.sha256(json.dumps(reading).encode()).hexdigest()[:16]

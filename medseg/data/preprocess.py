@@ -306,7 +306,9 @@ def channel_stats(
     )
 
 
-_DICOM_MODALITY = {"CT": "ct", "MR": "mr", "CR": "xray", "DX": "xray", "DR": "xray", "RG": "xray"}
+_DICOM_MODALITY = {"CT": "ct", "MR": "mr", "CR": "xray", "DX": "xray", "RG": "xray", "PX": "xray"}
+"""DICOM Modality -> the modality of a medseg model; any other DICOM modality (PT, NM, US, SC, ...)
+matches no model."""
 
 
 def input_warnings(stats: ScanStats, plan: Plan, meta: Mapping[str, Any]) -> list[str]:
@@ -324,9 +326,9 @@ def input_warnings(stats: ScanStats, plan: Plan, meta: Mapping[str, Any]) -> lis
                 f"{k} voxel(s) of channel {c} are NaN or infinite; they were replaced by the channel's "
                 f"lowest value ({stats.lowest[c]:.6g})"
             )
-    modality = _DICOM_MODALITY.get(str(meta.get("modality", "")).upper())
-    if modality is not None and modality != plan.modality:
-        out.append(f"the DICOM series is {meta['modality']}, but the model was trained on {plan.modality}")
+    dicom = str(meta.get("modality") or "").strip().upper()
+    if dicom and _DICOM_MODALITY.get(dicom) != plan.modality:
+        out.append(f"the DICOM image is {dicom}, but the model was trained on {plan.modality}")
     if plan.modality == "ct" and stats.voxels:
         lo, hi = stats.lowest[0], stats.highest[0]
         if hi - lo < 50:

@@ -12,6 +12,8 @@ import resource
 import sys
 from functools import cache
 
+from medseg.io._limits import available_memory as kernel_available_memory
+
 #: glibc ``mallopt`` parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
@@ -40,7 +42,7 @@ def available_memory() -> int | None:
     """Bytes this process can allocate without swapping, or None: what the kernel says is available
     (``MemAvailable``) plus what the process's allocator holds free for reuse (glibc's free heap,
     which :func:`tune_allocator` keeps instead of returning it, e.g. after an earlier case)."""
-    kernel = _proc_kib("/proc/meminfo", "MemAvailable")
+    kernel = kernel_available_memory()
     return None if kernel is None else kernel + _free_heap_bytes()
 
 

@@ -18,6 +18,7 @@ from typing import BinaryIO
 import numpy as np
 
 from medseg.errors import DataError
+from medseg.units import format_bytes
 
 #: Deflate (gzip, zlib) cannot expand data more than this: its longest match (258 bytes) costs at least
 #: two bits, so a compressed stream of ``n`` bytes never decompresses to more than ``1032 * n``.
@@ -40,16 +41,6 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def format_bytes(n: int) -> str:
-    """``n`` in binary units with three significant digits, e.g. ``2.1 GiB``."""
-    value = float(n)
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if value < 1024 or unit == "PiB":
-            return f"{int(value)} bytes" if unit == "bytes" else f"{value:.3g} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def describe_shape(shape: Sequence[int], dtype: np.dtype | str | None = None) -> str:

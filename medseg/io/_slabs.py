@@ -11,7 +11,9 @@ time (a mapped page counts in the process's resident memory until it is unmapped
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,24 +29,33 @@ _MAP_BYTES = CHUNK_BYTES
 
 
 def temp_raw_file(kind: str) -> Path:
-    """A new empty temporary file ``medseg-<kind>-<pid>-*.raw`` in the system temp dir (``TMPDIR``).
+    """A new empty temporary file ``medseg-<kind>-<pid>-<host>-*.raw`` in the system temp dir
+    (``TMPDIR``).
 
     The files hold decoded patient images; a process killed with SIGKILL cannot remove its own, so
-    each new one first removes those of processes that no longer exist (:func:`sweep_stale_temp_files`).
+    each new one first removes those of processes of this host that no longer exist
+    (:func:`sweep_stale_temp_files`).
     """
     sweep_stale_temp_files()
-    fd, name = tempfile.mkstemp(prefix=f"medseg-{kind}-{os.getpid()}-", suffix=".raw")
+    fd, name = tempfile.mkstemp(prefix=f"medseg-{kind}-{os.getpid()}-{_host_tag()}-", suffix=".raw")
     os.close(fd)
     return Path(name)
 
 
+def _host_tag() -> str:
+    """A short tag of this machine (and container): process ids are only meaningful on it, and a temp
+    dir may be shared between hosts (cluster scratch) or containers."""
+    return hashlib.sha256(socket.gethostname().encode("utf-8")).hexdigest()[:8]
+
+
 def sweep_stale_temp_files(folder: str | Path | None = None) -> list[Path]:
-    """Remove ``medseg-<kind>-<pid>-*.raw`` files in ``folder`` (default: the system temp dir) whose
-    process no longer runs; returns the files removed."""
+    """Remove ``medseg-<kind>-<pid>-<host>-*.raw`` files in ``folder`` (default: the system temp dir)
+    made on this host by a process that no longer runs; returns the files removed."""
     removed = []
-    for path in Path(folder or tempfile.gettempdir()).glob("medseg-*-*-*.raw"):
+    host = _host_tag()
+    for path in Path(folder or tempfile.gettempdir()).glob("medseg-*-*-*-*.raw"):
         parts = path.name.split("-")
-        if len(parts) < 4 or not parts[2].isdigit():
+        if len(parts) < 5 or not parts[2].isdigit() or parts[3] != host:
             continue
         pid = int(parts[2])
         if pid == os.getpid() or _alive(pid):

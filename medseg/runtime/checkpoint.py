@@ -109,21 +109,33 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             (with the command that converts it) or a newer one.
     """
     path = Path(path)
+    return _checked(path, _load(path, map_location))
+
+
+def _load(path: Path, map_location: str | torch.device = "cpu", *, numpy_arrays: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` of ``path`` (allowing numpy's array reconstruction besides
+    tensors and plain values when ``numpy_arrays``), with medseg's errors."""
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found (train first, or pass the run directory that has it)")
+    allowed: list[Any] = []
+    if numpy_arrays:
+        reconstruct = np._core.multiarray._reconstruct  # numpy 1 pickles name it numpy.core.multiarray
+        allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), reconstruct]
+        allowed.append((reconstruct, "numpy.core.multiarray._reconstruct"))
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(allowed):
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise _refusal(path, exc) from None
+        raise _refusal(path, exc, numpy_arrays=numpy_arrays) from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types on corrupt files
         raise DataError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
-    return _checked(path, payload)
-
-
-def _checked(path: Path, payload: Any) -> dict[str, Any]:
     if not isinstance(payload, dict) or "model" not in payload:
         raise DataError(f"{path}: not a medseg checkpoint (expected a mapping with the model's weights)")
-    version = int(payload.get("format_version", 1))
+    return payload
+
+
+def _checked(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    version = _checked_version(path, payload)
     if version > FORMAT_VERSION:
         raise DataError(
             f"{path}: checkpoint format {version} was written by a newer medseg (this one reads up to "
@@ -134,6 +146,13 @@ def _checked(path: Path, payload: Any) -> dict[str, Any]:
     return payload
 
 
+def _checked_version(path: Path, payload: dict[str, Any]) -> int:
+    version = payload.get("format_version", 1)
+    if not isinstance(version, int):
+        raise DataError(f"{path}: not a medseg checkpoint (format_version {version!r} is not a number)")
+    return version
+
+
 def _unsafe_globals(path: Path) -> list[str]:
     """The Python objects a pickle refers to beyond what ``weights_only`` allows (read, not run)."""
     try:
@@ -142,12 +161,13 @@ def _unsafe_globals(path: Path) -> list[str]:
         return ["<unreadable>"]
 
 
-def _refusal(path: Path, exc: Exception) -> DataError:
+def _refusal(path: Path, exc: Exception, *, numpy_arrays: bool = False) -> DataError:
     found = _unsafe_globals(path)
-    if found and set(found) <= _NUMPY_ARRAY_GLOBALS:
+    if not numpy_arrays and found and set(found) <= _NUMPY_ARRAY_GLOBALS:
         return DataError(_old_format_message(path))
+    others = [g for g in found if not (numpy_arrays and g in _NUMPY_ARRAY_GLOBALS)]
     return DataError(
-        f"{path}: refused: the checkpoint holds Python objects ({', '.join(found[:5]) or exc}) besides "
+        f"{path}: refused: the checkpoint holds Python objects ({', '.join(others[:5]) or exc}) besides "
         "tensors and numbers; loading them could run code, so medseg never does. Use a checkpoint "
         "written by `medseg train`, or retrain"
     )
@@ -193,25 +213,8 @@ def convert_checkpoint(path: str | Path) -> bool:
             numpy arrays.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: checkpoint not found")
-    allowed: list[Any] = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    reconstruct = np._core.multiarray._reconstruct  # numpy 2; numpy 1 pickles name it numpy.core
-    allowed += [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct")]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = [g for g in _unsafe_globals(path) if g not in _NUMPY_ARRAY_GLOBALS]
-        raise DataError(
-            f"{path}: refused: the checkpoint holds Python objects ({', '.join(found[:5]) or exc}) "
-            "besides tensors, numbers and numpy arrays; loading them could run code, so it is not converted"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - torch raises many types on corrupt files
-        raise DataError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(payload, dict) or "model" not in payload:
-        raise DataError(f"{path}: not a medseg checkpoint (expected a mapping with the model's weights)")
-    if int(payload.get("format_version", 1)) >= FORMAT_VERSION:
+    payload = _load(path, numpy_arrays=True)
+    if _checked_version(path, payload) >= FORMAT_VERSION:
         return False
     payload["rng"] = _as_rng_v2(payload.get("rng"))
     if "rng_ranks" in payload:

@@ -30,6 +30,7 @@ from medseg.data.patches import PatchDataset
 from medseg.data.plan import Plan
 from medseg.errors import DataError
 from medseg.inference.engine import EngineOptions
+from medseg.io._atomic import atomic_write
 from medseg.losses.compound import create_loss
 from medseg.models.unet import create_network
 from medseg.runtime.bundle import network_of
@@ -238,7 +239,8 @@ class _Training:
         self.metrics.append(row)
         save_checkpoint(checkpoints / "last.pt", state)
         if not self.setup.val_cases:  # nothing to select on: the latest model is the best one
-            shutil.copyfile(checkpoints / "last.pt", checkpoints / "best.pt")
+            with atomic_write(checkpoints / "best.pt", fsync=True) as tmp:  # predict loads best.pt
+                shutil.copyfile(checkpoints / "last.pt", tmp)
         plot_curves(self.metrics, self.run_dir / "curves.png", self.plan.structure_names)
 
 

@@ -107,6 +107,8 @@ def test_modality_of_a_dicom_series_must_match_the_model() -> None:
     ct_plan = build_plan()
     assert input_warnings(stats, ct_plan, {"modality": "CT"}) == []
     (w,) = input_warnings(stats, ct_plan, {"modality": "MR"})
-    assert "the DICOM series is MR, but the model was trained on ct" in w
+    assert "the DICOM image is MR, but the model was trained on ct" in w
+    (w,) = input_warnings(stats, ct_plan, {"modality": "PT"})  # a modality no model is trained on
+    assert "the DICOM image is PT" in w
     xray = build_plan(modality="xray", spatial_dims=2, target_spacing_mm=(1.0, 1.0), patch_size=(16, 16))
     assert input_warnings(ScanStats(100, (0.0,), (1.0,), (0.5,), (0.2,), (0,), 0), xray, {}) == []

@@ -399,3 +399,23 @@ def test_metaimage_header_running_into_the_data_is_refused(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "REFUSED" in proc.stdout and "z.mha: header line" in proc.stdout, proc.stdout
     assert "holds the binary byte 0x7f" in proc.stdout
+
+
+def test_sweep_removes_only_this_hosts_files_of_dead_processes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from medseg.io._slabs import _host_tag, sweep_stale_temp_files
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)
+    host = _host_tag()
+    stale = tmp_path / f"medseg-dicom-{pid}-{host}-abc.raw"
+    other_host = tmp_path / f"medseg-dicom-{pid}-00000000-abc.raw"  # a shared temp dir: not ours
+    alive = tmp_path / f"medseg-nifti-{os.getpid()}-{host}-abc.raw"
+    for p in (stale, other_host, alive):
+        p.write_bytes(b"x")
+    assert sweep_stale_temp_files(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other_host.name, alive.name])
