@@ -45,6 +45,7 @@ from medseg.inference.writers import (
     write_seg,
 )
 from medseg.io import case_id, load_volume
+from medseg.io._atomic import sweep_stale_temps
 from medseg.io._slabs import NotStreamable
 from medseg.io.dicom import DicomSlabs
 from medseg.io.nifti import NiftiSlabs, is_nifti
@@ -300,8 +301,10 @@ def _predict_loaded(
     check_input(image, bundle.plan)  # before the memory estimate, which assumes a fitting input
     est = check_memory(image, bundle, opts, batch.max_memory_bytes)
     stats = EngineStats()
-    writer = ProbabilityWriter(out_dir, case, image, bundle.plan) if batch.save_probabilities else None
+    writer = None
     try:
+        if batch.save_probabilities:
+            writer = ProbabilityWriter(out_dir, case, image, bundle.plan)
         pred = predict_volume(bundle, vol, opts, sink=writer, stats=stats)
         t_pred = time.perf_counter()
         files: list[Path] = []
@@ -396,6 +399,8 @@ def predict_files(
         )
     cases = group_inputs(inputs, bundle.plan.in_channels)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for path in sweep_stale_temps(out_dir):  # half-written outputs of a run that was killed
+        logger.info("removed %s, left behind by a process that no longer runs", path)
     manifest = Manifest(out_dir, _header(bundle, opts, batch))
     current = None
     try:

@@ -21,7 +21,7 @@ from medseg.data.canonical import oriented_view
 from medseg.data.geometry import canonical_ornt
 from medseg.data.plan import Plan
 from medseg.io import is_dicom_file, save_label_map
-from medseg.io._atomic import atomic_write
+from medseg.io._atomic import atomic_write, temp_tag
 from medseg.io.dicom_seg import write_dicom_seg
 from medseg.io.image2d import is_raster
 from medseg.labels import Mode, label_dtype_for
@@ -63,7 +63,7 @@ def write_prediction(pred: Volume, plan: Plan, out_dir: Path, case: str, *, ext:
     if plan.mode == Mode.SOFTMAX:
         return [save_label_map(pred, safe_join(out_dir, f"{case}{ext}"))]
     final = safe_join(out_dir, case)
-    tmp = safe_join(out_dir, f".{case}.tmp-{os.getpid()}")
+    tmp = safe_join(out_dir, f".{case}.{temp_tag()}")
     shutil.rmtree(tmp, ignore_errors=True)
     scale = 255 if ext == ".png" else 1
     for k, name in enumerate(plan.structure_names):
@@ -117,12 +117,16 @@ class ProbabilityWriter:
 
     def __init__(self, out_dir: Path, case: str, image: Volume, plan: Plan) -> None:
         self.final = safe_join(out_dir, f"{case}_probabilities.npy")
-        self.tmp = safe_join(out_dir, f".{case}_probabilities.tmp-{os.getpid()}.npy")
+        self.tmp = safe_join(out_dir, f".{case}_probabilities.{temp_tag()}.npy")
         shape = (plan.out_channels, *image.spatial_shape)
-        # Fortran order: slabs along the last axis are contiguous in the file, as the engine writes them
-        self.mm = np.lib.format.open_memmap(
-            self.tmp, mode="w+", dtype=np.float16, shape=shape, fortran_order=True
-        )
+        try:
+            # Fortran order: slabs along the last axis are contiguous in the file, as the engine writes
+            self.mm = np.lib.format.open_memmap(
+                self.tmp, mode="w+", dtype=np.float16, shape=shape, fortran_order=True
+            )
+        except BaseException:  # interrupted (SIGTERM) while the file is being made: none stays behind
+            self.tmp.unlink(missing_ok=True)
+            raise
         if plan.mode == Mode.SOFTMAX:
             self.mm[0] = 1.0
         self.view = oriented_view(self.mm, canonical_ornt(image.affine, image.spatial_dims))

@@ -4,13 +4,67 @@ name (and a reader never sees one)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 from medseg.errors import DataError
+
+
+@cache
+def host_tag() -> str:
+    """A short tag of this machine (and container): process ids mean something only on it, and a
+    folder may be shared between hosts (cluster scratch, network file systems) or containers."""
+    return hashlib.sha256(socket.gethostname().encode("utf-8")).hexdigest()[:8]
+
+
+def temp_tag() -> str:
+    """``tmp-<pid>-<host>``: what names this process's temporary files and folders."""
+    return f"tmp-{os.getpid()}-{host_tag()}"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+_TEMP_NAME = re.compile(r"\.tmp-(\d+)-([0-9a-f]{8})")
+
+
+def sweep_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the hidden temporary files and folders (``.<name>.tmp-<pid>-<host>...``) that a process of
+    this host left in ``folder`` when it was killed (SIGKILL cannot clean up); returns what was removed.
+    Those of running processes and of other hosts are left alone."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        m = _TEMP_NAME.search(path.name)
+        if not path.name.startswith(".") or m is None or m.group(2) != host_tag():
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or process_alive(pid):
+            continue
+        try:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed.append(path)
+        except OSError:  # another process swept it first
+            pass
+    return removed
 
 
 def atomic_target(path: Path) -> Path:
@@ -18,7 +72,7 @@ def atomic_target(path: Path) -> Path:
     name = path.name
     suffix = "".join(path.suffixes[-2:]) if name.endswith(".nii.gz") else path.suffix
     stem = name[: len(name) - len(suffix)] if suffix else name
-    return path.with_name(f".{stem}.tmp-{os.getpid()}{suffix}")
+    return path.with_name(f".{stem}.{temp_tag()}{suffix}")
 
 
 @contextmanager

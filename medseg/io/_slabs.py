@@ -11,9 +11,7 @@ time (a mapped page counts in the process's resident memory until it is unmapped
 
 from __future__ import annotations
 
-import hashlib
 import os
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import DataError
+from medseg.io._atomic import host_tag, process_alive
 from medseg.types import Volume
 
 #: Bytes mapped (or copied) at a time when reading and writing the raw files.
@@ -37,28 +36,22 @@ def temp_raw_file(kind: str) -> Path:
     (:func:`sweep_stale_temp_files`).
     """
     sweep_stale_temp_files()
-    fd, name = tempfile.mkstemp(prefix=f"medseg-{kind}-{os.getpid()}-{_host_tag()}-", suffix=".raw")
+    fd, name = tempfile.mkstemp(prefix=f"medseg-{kind}-{os.getpid()}-{host_tag()}-", suffix=".raw")
     os.close(fd)
     return Path(name)
-
-
-def _host_tag() -> str:
-    """A short tag of this machine (and container): process ids are only meaningful on it, and a temp
-    dir may be shared between hosts (cluster scratch) or containers."""
-    return hashlib.sha256(socket.gethostname().encode("utf-8")).hexdigest()[:8]
 
 
 def sweep_stale_temp_files(folder: str | Path | None = None) -> list[Path]:
     """Remove ``medseg-<kind>-<pid>-<host>-*.raw`` files in ``folder`` (default: the system temp dir)
     made on this host by a process that no longer runs; returns the files removed."""
     removed = []
-    host = _host_tag()
+    host = host_tag()
     for path in Path(folder or tempfile.gettempdir()).glob("medseg-*-*-*-*.raw"):
         parts = path.name.split("-")
         if len(parts) < 5 or not parts[2].isdigit() or parts[3] != host:
             continue
         pid = int(parts[2])
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or process_alive(pid):
             continue
         try:
             path.unlink()
@@ -66,16 +59,6 @@ def sweep_stale_temp_files(folder: str | Path | None = None) -> list[Path]:
         except OSError:  # another process swept it first, or it is not ours to remove
             pass
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
 
 
 class NotStreamable(DataError):

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import DataError
+from medseg.io._atomic import temp_tag
 from medseg.types import Volume
 
 __all__ = ["write_dicom_series"]
@@ -199,7 +200,7 @@ def write_dicom_series(
 
     _prepare_target(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    tmp = folder.with_name(f".{folder.name}.{temp_tag()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()

@@ -22,6 +22,7 @@ from medseg.data.datasets import load_dataset
 from medseg.data.patches import TrainCase, load_train_case, split_validation
 from medseg.data.plan import Plan, compute_fingerprint, make_plan
 from medseg.errors import ConfigError, DataError
+from medseg.io._atomic import sweep_stale_temps
 from medseg.runtime.checkpoint import load_checkpoint, set_rng_state
 from medseg.runtime.device import resolve_device
 from medseg.training.distributed import DistContext, ddp_device, rank_seed
@@ -57,6 +58,10 @@ def prepare(cfg: Config, ctx: DistContext, run_dir: Path, *, resume: bool, progr
     device = ddp_device(tc.device, ctx.local_rank) if ctx.enabled else resolve_device(tc.device)
     torch.manual_seed(rank_seed(tc.seed, ctx.rank))
     _check_run_dir(run_dir, resume, ctx)
+    if ctx.is_main:  # temporary files of a run killed while it wrote (SIGKILL cannot clean up)
+        for folder in (run_dir, run_dir / "checkpoints"):
+            for path in sweep_stale_temps(folder):
+                logger.info("removed %s, left behind by a process that no longer runs", path)
     ck = None
     if resume:
         last = run_dir / "checkpoints" / "last.pt"
@@ -149,6 +154,7 @@ def _cache_cases(
     process of every node fills in what that node's cache lacks (nothing when the cache is on a shared
     filesystem); then every process opens the finished entries."""
     cache_dir = _cache_dir(cfg)
+    sweep_stale_temps(cache_dir / plan.preprocess_key())
     mine = cases[ctx.rank :: ctx.world_size]
     built = {
         c.case_id: cache_case(c, plan, cfg.data, cache_dir)

@@ -147,3 +147,23 @@ def test_a_damaged_manifest_is_replaced_with_a_warning(tmp_path: Path, caplog) -
     Manifest(tmp_path, {"model": "m"}).add({"case": "b", "input": "b.nii"})
     assert "not readable" in caplog.text
     assert [r["case"] for r in json.loads((tmp_path / "predict.json").read_text())["cases"]] == ["b"]
+
+
+def test_predict_removes_half_written_outputs_of_a_killed_run(tmp_path: Path) -> None:
+    from medseg.cli.main import main
+    from medseg.io._atomic import host_tag
+
+    run = write_run(tmp_path / "run", build_plan())
+    scan = save_volume(_scan(), tmp_path / "in" / "c.nii.gz")
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".c_probabilities.tmp-{int(dead.stdout)}-{host_tag()}.npy"
+    stale.write_bytes(b"half a probability map")
+    assert (
+        main(["predict", "--model", str(run), "--input", str(scan), "--output", str(out), "--no-progress"])
+        == 0
+    )
+    assert not stale.exists()

@@ -15,6 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from medseg.errors import DataError
 from medseg.io import load_volume
 from medseg.io.dicom import DicomSeries, list_dicom_series, read_dicom_file, read_dicom_series
+from medseg.io.dicom_write import write_dicom_series
 from medseg.types import Volume, same_physical_grid
 
 SOP_CLASS = {
@@ -606,3 +607,19 @@ def test_streamed_series_widens_its_type_when_a_later_slice_needs_it(tmp_path: P
         tmp = src._tmp
         assert list((tmp_path / "tmp").iterdir()) == [tmp], "the narrower first file is removed"
     assert not tmp.exists()
+
+
+@pytest.mark.parametrize("which", ["end", "middle"])
+def test_a_damaged_slice_of_a_series_is_named_not_dropped(tmp_path: Path, which: str) -> None:
+    """A truncated file that says it is DICOM is refused with its name: skipping it would silently drop a
+    slice (the end one without any other sign)."""
+    vol = Volume(np.arange(8 * 6 * 5, dtype=np.int16).reshape(1, 8, 6, 5), np.diag([0.8, 0.8, 2.5, 1.0]))
+    folder = write_dicom_series(vol, tmp_path / "series")
+    files = sorted(folder.iterdir())
+    damaged = files[-1] if which == "end" else files[len(files) // 2]
+    damaged.write_bytes(damaged.read_bytes()[:400])
+    with pytest.raises(
+        DataError,
+        match=rf"{damaged.name}: a DICOM (image )?file of this folder (cannot be read|is cut short)",
+    ):
+        read_dicom_series(folder)

@@ -405,13 +405,14 @@ def test_sweep_removes_only_this_hosts_files_of_dead_processes(tmp_path: Path) -
     import subprocess
     import sys
 
-    from medseg.io._slabs import _host_tag, sweep_stale_temp_files
+    from medseg.io._atomic import host_tag
+    from medseg.io._slabs import sweep_stale_temp_files
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
     pid = int(dead.stdout)
-    host = _host_tag()
+    host = host_tag()
     stale = tmp_path / f"medseg-dicom-{pid}-{host}-abc.raw"
     other_host = tmp_path / f"medseg-dicom-{pid}-00000000-abc.raw"  # a shared temp dir: not ours
     alive = tmp_path / f"medseg-nifti-{os.getpid()}-{host}-abc.raw"
@@ -419,3 +420,25 @@ def test_sweep_removes_only_this_hosts_files_of_dead_processes(tmp_path: Path) -
         p.write_bytes(b"x")
     assert sweep_stale_temp_files(tmp_path) == [stale]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other_host.name, alive.name])
+
+
+def test_stale_temporary_outputs_of_dead_processes_are_swept(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from medseg.io._atomic import atomic_target, host_tag, sweep_stale_temps
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid, host = int(dead.stdout), host_tag()
+    stale_file = tmp_path / f".last.tmp-{pid}-{host}.pt"
+    stale_dir = tmp_path / f".case7.tmp-{pid}-{host}"
+    stale_dir.mkdir()
+    (stale_dir / "lung.nii.gz").write_bytes(b"x")
+    mine = atomic_target(tmp_path / "predict.json")  # this process's own, still being written
+    other_host = tmp_path / f".x.tmp-{pid}-00000000.npy"
+    for p in (stale_file, mine, other_host):
+        p.write_bytes(b"x")
+    assert sorted(sweep_stale_temps(tmp_path)) == sorted([stale_file, stale_dir])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, other_host.name])

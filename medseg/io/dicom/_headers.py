@@ -79,8 +79,12 @@ class _Plane:
 # headers
 
 
-def _read_header(path: Path) -> Any | None:
-    """pydicom dataset without pixel data, or None if ``path`` is not a DICOM file."""
+def _read_header(path: Path, *, damaged: str = "skip") -> Any | None:
+    """pydicom dataset without pixel data, or None if ``path`` is not a DICOM file.
+
+    ``damaged="refuse"`` raises :class:`DataError` (naming the file) instead of returning None: for a
+    file that says it is DICOM (preamble or suffix), where skipping it would silently drop a slice.
+    """
     import pydicom
 
     try:
@@ -92,6 +96,12 @@ def _read_header(path: Path) -> Any | None:
             f"{path}: out of memory parsing the DICOM header; its element lengths are corrupt"
         ) from exc
     except Exception as exc:  # pydicom raises many types for corrupt files (BytesLengthException, ...)
+        if damaged == "refuse":
+            raise DataError(
+                f"{path}: a DICOM file of this folder cannot be read ({type(exc).__name__}: {exc}); the "
+                "series would be missing it. Replace the file with an intact copy, or remove it from the "
+                "folder if it does not belong to the series"
+            ) from None
         logger.debug("skipping %s: not readable as DICOM (%s: %s)", path, type(exc).__name__, exc)
         return None
 
@@ -179,6 +189,16 @@ def _n_frames(ds: Any) -> int:
 
 def _is_image(ds: Any) -> bool:
     return "Rows" in ds and "Columns" in ds and _text(ds, "SOPClassUID") != _DICOMDIR_SOP_CLASS
+
+
+def _is_truncated_image(ds: Any) -> bool:
+    """An object of an image storage class whose header ends before the image description: a file cut
+    short (pydicom returns what it could parse without complaint)."""
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    classes = [_text(ds, "SOPClassUID"), _text(meta, "MediaStorageSOPClassUID") if meta is not None else ""]
+    return not _is_image(ds) and any(c and "Image Storage" in UID(c).name for c in classes)
 
 
 def _is_projection(ds: Any) -> bool:

@@ -15,6 +15,7 @@ from medseg.io.dicom._headers import (
     DicomSeries,
     _floats,
     _is_image,
+    _is_truncated_image,
     _read_header,
     _text,
 )
@@ -30,7 +31,12 @@ def _scan(folder: Path) -> list[tuple[DicomSeries, list[Any]]]:
         raise DataError(f"{folder}: not a folder (to read one DICOM file use read_dicom_file)")
     groups: dict[str, list[tuple[Path, Any]]] = {}
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        ds = _read_header(path)
+        ds = _read_header(path, damaged="refuse" if is_dicom_file(path) else "skip")
+        if ds is not None and _is_truncated_image(ds):
+            raise DataError(
+                f"{path}: a DICOM image file of this folder is cut short (its header ends before the image "
+                "description); the series would be missing it. Replace the file with an intact copy"
+            )
         if ds is None or not _is_image(ds):
             continue
         groups.setdefault(_text(ds, "SeriesInstanceUID"), []).append((path, ds))
