@@ -161,6 +161,9 @@ class ModelConfig(Strict):
     norm: Literal["instance", "batch"] = "instance"
     upsample: Literal["deconv", "resize"] = "deconv"
     deep_supervision: bool = False
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Further settings of the classic networks (``fcn``, ``dense_unet``, ``deeplab``, ``pspnet``);
+    see :mod:`medseg.models.classic` for each network's options and defaults."""
 
 
 class BorderWeightConfig(Strict):

@@ -1,4 +1,4 @@
-"""Small building blocks shared by the U-Net family (private).
+"""Small building blocks shared by the networks (private).
 
 Only what MONAI does not provide lives here: a decoder block that upsamples by interpolation
 (resize + conv) instead of a transposed convolution, with the same ``forward(inp, skip)`` interface as
@@ -9,17 +9,32 @@ MONAI's :class:`~monai.networks.blocks.dynunet_block.UnetUpBlock`, so that it ca
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from monai.networks.blocks.dynunet_block import UnetBasicBlock
 from monai.networks.blocks.upsample import UpSample
 from torch import nn
 
+from medseg.errors import ConfigError
+
 NORM_LAYERS: dict[str, tuple[str, dict[str, bool]]] = {
     "instance": ("INSTANCE", {"affine": True}),
     "batch": ("BATCH", {"affine": True}),
 }
 """Config ``model.norm`` value -> MONAI ``norm_name`` (name, kwargs) for ``get_norm_layer``."""
+
+
+def norm_spec(norm: str) -> tuple[str, dict[str, Any]]:
+    """MONAI's ``(name, kwargs)`` for a ``model.norm`` value.
+
+    Raises:
+        ConfigError: An unknown value, naming the known ones.
+    """
+    if norm not in NORM_LAYERS:
+        raise ConfigError(f"unknown norm {norm!r}; expected one of {sorted(NORM_LAYERS)}")
+    name, kwargs = NORM_LAYERS[norm]
+    return name, dict(kwargs)
 
 
 class ResizeUpBlock(nn.Module):

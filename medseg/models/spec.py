@@ -241,6 +241,7 @@ class NetworkSpec:
             norm=cfg.norm,
             upsample=cfg.upsample,
             deep_supervision=cfg.deep_supervision,
+            options=dict(cfg.options),
         )
 
     @property

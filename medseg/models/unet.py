@@ -19,6 +19,10 @@ that record first. Registered models:
     deep supervision: ``upsample: resize`` or ``deep_supervision: true`` raise :class:`ConfigError`.
     Its state-dict keys are MONAI's recursive ``model.1.submodule.1...`` names.
 
+``fcn``, ``dense_unet``, ``deeplab``, ``pspnet``
+    The classic networks, in :mod:`medseg.models.classic` (their own settings go in
+    ``model.options``).
+
 Strides: see :mod:`medseg.models.spec`. The input's spatial size must be divisible, per axis, by the
 product of the strides (:func:`required_divisor`); otherwise the forward pass raises
 :class:`~medseg.errors.ShapeError` naming the padded size.
@@ -40,7 +44,7 @@ Output convention (all models return logits, never probabilities):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from monai.networks.nets import DynUNet
@@ -49,18 +53,18 @@ from torch import nn
 
 from medseg.config import ModelConfig
 from medseg.errors import ConfigError, ShapeError
-from medseg.models._blocks import NORM_LAYERS, ResizeUpBlock
+from medseg.models import classic as _classic  # noqa: F401  (registers fcn, dense_unet, deeplab, pspnet)
+from medseg.models._blocks import ResizeUpBlock, norm_spec
+from medseg.models._registry import MODELS, _cumulative, check_input_shape
 from medseg.models.spec import (
     AxisStrides,
     NetworkSpec,
-    _padded,
     check_patch_dims,
     default_strides,
     plan_strides,
     required_divisor,
     resolve_strides,
 )
-from medseg.registry import Registry
 
 __all__ = [
     "MODELS",
@@ -74,63 +78,6 @@ __all__ = [
     "required_divisor",
     "resolve_strides",
 ]
-
-
-class ModelBuilder(Protocol):
-    """Signature of the functions registered in :data:`MODELS`: a network from its resolved record."""
-
-    def __call__(self, spec: NetworkSpec, *, in_channels: int, out_channels: int) -> nn.Module: ...
-
-
-MODELS: Registry[ModelBuilder] = Registry("model")
-"""Model name (``model.name``) -> builder; use :func:`create_network` / :func:`create_model`."""
-
-
-def check_input_shape(spatial_shape: Sequence[int], divisor: Sequence[int] | nn.Module) -> None:
-    """Raise if ``spatial_shape`` is not a multiple of ``divisor`` on every axis.
-
-    Args:
-        spatial_shape: Input size without batch and channel axes, e.g. ``x.shape[2:]``.
-        divisor: Per-axis divisor (:func:`required_divisor`), or a model from :func:`create_model`
-            (its ``input_divisor`` attribute is used).
-
-    Raises:
-        ShapeError: Naming the divisor and the padded size the input should have.
-    """
-    div = tuple(getattr(divisor, "input_divisor", divisor))
-    shape = tuple(int(s) for s in spatial_shape)
-    if len(shape) != len(div):
-        raise ShapeError(
-            f"input has {len(shape)} spatial axes but the model is {len(div)}D; pass a tensor of shape "
-            f"(B, C, {', '.join('...' for _ in div)})",
-            expected=div,
-            actual=shape,
-        )
-    if any(s % k for s, k in zip(shape, div, strict=True)):
-        raise ShapeError(
-            f"input spatial size must be divisible by {div} per axis (the product of the model's strides); "
-            f"pad it to the padded size (e.g. monai.transforms.DivisiblePad(k={div})) or choose a patch size "
-            f"that is a multiple of {div}",
-            expected=_padded(shape, div),
-            actual=shape,
-        )
-
-
-def _cumulative(strides: Sequence[AxisStrides]) -> list[AxisStrides]:
-    """Total downsampling factor per axis at the output of each level."""
-    out: list[AxisStrides] = []
-    acc = (1,) * len(strides[0])
-    for s in strides:
-        acc = tuple(a * b for a, b in zip(acc, s, strict=True))
-        out.append(acc)
-    return out
-
-
-def _norm_spec(norm: str) -> tuple[str, dict[str, Any]]:
-    if norm not in NORM_LAYERS:
-        raise ConfigError(f"unknown norm {norm!r}; expected one of {sorted(NORM_LAYERS)}")
-    name, kwargs = NORM_LAYERS[norm]
-    return name, dict(kwargs)
 
 
 def _axis_strides(strides: Sequence[int | Sequence[int]] | None, depth: int, nd: int) -> list[AxisStrides]:
@@ -218,7 +165,7 @@ class UNet(DynUNet):
             strides=level_strides,
             upsample_kernel_size=level_strides[1:],
             filters=list(channels),
-            norm_name=_norm_spec(norm),
+            norm_name=norm_spec(norm),
             deep_supervision=deep_supervision,
             deep_supr_num=max(depth - 2, 1),
             res_block=residual,
@@ -336,7 +283,7 @@ class MonaiUNet(_MonaiUNetBase):
             channels=list(channels),
             strides=level_strides[1:],
             num_res_units=2 if residual else 0,
-            norm=_norm_spec(norm),
+            norm=norm_spec(norm),
         )
         self.level_strides: list[AxisStrides] = level_strides
         self.input_divisor: tuple[int, ...] = required_divisor(level_strides)
@@ -364,6 +311,7 @@ class MonaiUNet(_MonaiUNetBase):
 
 @MODELS.register("unet")
 def _build_unet(spec: NetworkSpec, *, in_channels: int, out_channels: int) -> nn.Module:
+    _no_options(spec)
     return UNet(
         spec.spatial_dims,
         in_channels,
@@ -380,6 +328,7 @@ def _build_unet(spec: NetworkSpec, *, in_channels: int, out_channels: int) -> nn
 
 @MODELS.register("monai_unet")
 def _build_monai_unet(spec: NetworkSpec, *, in_channels: int, out_channels: int) -> nn.Module:
+    _no_options(spec)
     unsupported = []
     if spec.upsample != "deconv":
         unsupported.append(
@@ -403,6 +352,14 @@ def _build_monai_unet(spec: NetworkSpec, *, in_channels: int, out_channels: int)
         residual=spec.residual,
         norm=spec.norm,
     )
+
+
+def _no_options(spec: NetworkSpec) -> None:
+    if spec.options:
+        raise ConfigError(
+            f"model.options {dict(spec.options)} are not used by {spec.name!r}, which takes none; remove "
+            "them (they are options of fcn, dense_unet, deeplab and pspnet)"
+        )
 
 
 def create_network(spec: NetworkSpec, *, in_channels: int, out_channels: int) -> nn.Module:
