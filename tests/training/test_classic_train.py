@@ -1,6 +1,6 @@
-"""`medseg train` then `medseg predict` with each classic network (FCN, Tiramisu, DeepLab, PSPNet), in 2D
-on the chest X-ray phantom and in 3D on the CT phantom: the run trains, records the network and its
-options in the plan, and predicts on the input's exact grid."""
+"""`medseg train` (2 epochs) then `medseg predict` with each classic network (FCN, Tiramisu, DeepLab,
+PSPNet), in 2D on the chest X-ray phantom and in 3D on the CT phantom: the run trains, records the
+network and its options in the plan, and predicts on the input's exact grid."""
 
 from __future__ import annotations
 
@@ -49,12 +49,14 @@ def test_train_and_predict_with_a_classic_network(
     config = "demo_ct.yaml" if mode == "ct" else "demo_chest_xray.yaml"
     extra = [f"model.name={name}", *OPTIONS[name], *TINY[mode], "train.iterations_per_epoch=2"]
     run = tmp_path / "run"
-    assert main(train_args(config, phantoms[mode], phantoms["cache"], run, extra, epochs=1)) == 0
+    assert main(train_args(config, phantoms[mode], phantoms["cache"], run, extra, epochs=2)) == 0
     network = json.loads((run / "plan.json").read_text())["network"]
     assert network["name"] == name
     expected = {k.split("=")[0].removeprefix("model.options."): k.split("=")[1] for k in OPTIONS[name]}
     assert {k: json.dumps(v, separators=(",", ":")) for k, v in network["options"].items()} == expected
-    assert np.isfinite(float(metrics_rows(run)[0]["train_loss"]))
+    rows = metrics_rows(run)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert all(np.isfinite(float(r["train_loss"])) for r in rows)
 
     out = tmp_path / "pred"
     if mode == "ct":
