@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+import torch
 from torch import nn
 
 from medseg.errors import ShapeError
 from medseg.models.spec import AxisStrides, NetworkSpec, _padded
 from medseg.registry import Registry
 
-__all__ = ["MODELS", "ModelBuilder", "check_input_shape"]
+__all__ = ["MODELS", "ModelBuilder", "check_input", "check_input_shape"]
 
 
 class ModelBuilder(Protocol):
@@ -56,6 +57,18 @@ def check_input_shape(spatial_shape: Sequence[int], divisor: Sequence[int] | nn.
             expected=_padded(shape, div),
             actual=shape,
         )
+
+
+def check_input(x: torch.Tensor, net: nn.Module, spatial_dims: int, in_channels: int) -> None:
+    """Raise :class:`ShapeError` unless ``x`` is ``(B, in_channels, *spatial)`` with ``spatial_dims``
+    axes, each a multiple of ``net.input_divisor`` (the check at the top of every network's forward)."""
+    if x.ndim != spatial_dims + 2 or x.shape[1] != in_channels:
+        raise ShapeError(
+            f"{type(net).__name__} ({spatial_dims}D) expects input (B, in_channels, *spatial) (-1: any size)",
+            expected=(-1, in_channels) + (-1,) * spatial_dims,
+            actual=tuple(x.shape),
+        )
+    check_input_shape(x.shape[2:], net)
 
 
 def _cumulative(strides: Sequence[AxisStrides]) -> list[AxisStrides]:

@@ -42,9 +42,9 @@ from monai.networks.layers.utils import get_norm_layer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from medseg.errors import ConfigError, ShapeError
+from medseg.errors import ConfigError
 from medseg.models._blocks import norm_spec
-from medseg.models._registry import MODELS, _cumulative, check_input_shape
+from medseg.models._registry import MODELS, _cumulative, check_input
 from medseg.models.spec import AxisStrides, NetworkSpec, required_divisor
 
 __all__ = ["FCN", "DeepLab", "DenseUNet", "PSPNet"]
@@ -210,14 +210,7 @@ class _SegmentationNet(nn.Module):
         self.output_strides = [(1,) * spec.spatial_dims]
 
     def _check(self, x: torch.Tensor) -> None:
-        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
-            raise ShapeError(
-                f"{type(self).__name__} ({self.spatial_dims}D) expects input (B, in_channels, *spatial) "
-                "(-1: any size)",
-                expected=(-1, self.in_channels) + (-1,) * self.spatial_dims,
-                actual=tuple(x.shape),
-            )
-        check_input_shape(x.shape[2:], self.input_divisor)
+        check_input(x, self, self.spatial_dims, self.in_channels)
 
 
 class FCN(_SegmentationNet):

@@ -52,10 +52,10 @@ from monai.networks.nets import UNet as _MonaiUNetBase
 from torch import nn
 
 from medseg.config import ModelConfig
-from medseg.errors import ConfigError, ShapeError
+from medseg.errors import ConfigError
 from medseg.models import classic as _classic  # noqa: F401  (registers fcn, dense_unet, deeplab, pspnet)
 from medseg.models._blocks import ResizeUpBlock, norm_spec
-from medseg.models._registry import MODELS, _cumulative, check_input_shape
+from medseg.models._registry import MODELS, _cumulative, check_input, check_input_shape
 from medseg.models.spec import (
     AxisStrides,
     NetworkSpec,
@@ -209,14 +209,7 @@ class UNet(DynUNet):
             ShapeError: If ``x`` is not ``(B, in_channels, *spatial)`` with each spatial size a multiple
                 of ``input_divisor``.
         """
-        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
-            raise ShapeError(
-                f"{type(self).__name__} ({self.spatial_dims}D) expects input (B, in_channels, *spatial) "
-                "(-1: any size)",
-                expected=(-1, self.in_channels) + (-1,) * self.spatial_dims,
-                actual=tuple(x.shape),
-            )
-        check_input_shape(x.shape[2:], self.input_divisor)
+        check_input(x, self, self.spatial_dims, self.in_channels)
         out = self.input_block(x)
         skips = [out]
         for block in self.downsamples:
@@ -295,13 +288,7 @@ class MonaiUNet(_MonaiUNetBase):
         Raises:
             ShapeError: If a spatial size is not a multiple of ``input_divisor``.
         """
-        if x.ndim != self.dimensions + 2 or x.shape[1] != self.in_channels:
-            raise ShapeError(
-                f"MonaiUNet ({self.dimensions}D) expects input (B, in_channels, *spatial) (-1: any size)",
-                expected=(-1, self.in_channels) + (-1,) * self.dimensions,
-                actual=tuple(x.shape),
-            )
-        check_input_shape(x.shape[2:], self.input_divisor)
+        check_input(x, self, self.dimensions, self.in_channels)
         return super().forward(x)
 
 
