@@ -16,7 +16,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -184,6 +184,19 @@ class LossConfig(Strict):
     dice_include_background: bool = False
     dice_batch: bool = True
     dice_squared: bool = False
+    focal_alpha: Annotated[float, Field(ge=0.0, le=1.0)] | list[NonNegativeFloat] | None = Field(
+        None,
+        description="focal-loss class balance: a float gives 1 - alpha to the background and alpha to the "
+        "structures (softmax) or alpha to the voxels inside a structure and 1 - alpha outside (sigmoid); a "
+        "list gives one weight per output channel (softmax: background first); none: no balancing",
+    )
+    class_weights: Literal["none", "inverse_frequency", "median_frequency"] | list[PositiveFloat] = Field(
+        "none",
+        description="class weights of the CE/BCE and focal terms: inverse_frequency or median_frequency are "
+        "computed from the training cases when the run is planned and stored in plan.json; a list gives them "
+        "directly (softmax: one per class, background first; sigmoid: one per structure for the voxels "
+        "inside it). With weights, the border-weight map keeps only its separation term",
+    )
     border_weights: BorderWeightConfig = Field(default_factory=BorderWeightConfig)
 
 

@@ -39,6 +39,7 @@ from medseg.data.geometry import resampled_shape, to_canonical
 from medseg.errors import ConfigError, DataError
 from medseg.io._atomic import atomic_write
 from medseg.labels import LabelLayout, Mode
+from medseg.losses.class_weights import binary_class_weights, frequency_class_weights
 from medseg.models.spec import NetworkSpec
 from medseg.names import check_label_name
 from medseg.units import GB, format_bytes
@@ -89,6 +90,9 @@ class Plan:
     body_threshold: float | None = None
     left_right_pairs: tuple[tuple[str, str], ...] = ()
     border_weights: dict[str, Any] = field(default_factory=dict)
+    class_weights: dict[str, Any] = field(default_factory=dict)
+    """``{"method": ..., "weights": ...}`` for the CE/BCE and focal terms (empty: none): softmax, one
+    weight per output channel (background first); sigmoid, an ``(outside, inside)`` pair per structure."""
     median_shape: tuple[int, ...] = ()
     memory_estimate_bytes: int | None = None  # one training step at patch_size (None: older plans)
     memory_budget_bytes: int | None = None  # train.memory_gb when planned
@@ -109,6 +113,8 @@ class Plan:
                 f"plan: {len(self.structure_names)} structure names but {len(self.label_values)} label values"
             )
         self.labels  # noqa: B018 - checks the left/right pairs
+        if self.class_weights:
+            object.__setattr__(self, "class_weights", _checked_class_weights(self))
 
     @property
     def labels(self) -> LabelLayout:
@@ -163,8 +169,73 @@ class Plan:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_NOT_PREPROCESSING = ("patch_size", "median_shape", "memory_estimate_bytes", "memory_budget_bytes", "network")
+_NOT_PREPROCESSING = (
+    "patch_size",
+    "median_shape",
+    "memory_estimate_bytes",
+    "memory_budget_bytes",
+    "network",
+    "class_weights",
+)
 """Plan fields that do not change the preprocessed arrays (left out of :meth:`Plan.preprocess_key`)."""
+
+
+def _checked_class_weights(plan: Plan) -> dict[str, Any]:
+    """The plan's class weights as JSON-ready lists, or a ConfigError saying what is wrong with them."""
+    cw = plan.class_weights
+    n = len(plan.structure_names)
+    sigmoid = plan.mode is Mode.SIGMOID
+    expected = f"{n} (outside, inside) pairs" if sigmoid else f"{n + 1} values (background first)"
+    try:
+        w = np.asarray(cw["weights"], dtype=np.float64)
+        ok = w.shape == ((n, 2) if sigmoid else (n + 1,)) and bool(np.isfinite(w).all() and (w > 0).all())
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok or not isinstance(cw.get("method"), str):
+        raise ConfigError(
+            f"plan: class_weights must be {{'method': name, 'weights': {expected}}} of positive numbers, "
+            f"got {cw!r}"
+        )
+    return {"method": cw["method"], "weights": w.tolist()}
+
+
+def plan_class_weights(cfg: Config, fp: Fingerprint) -> dict[str, Any]:
+    """``loss.class_weights`` resolved for the plan: computed from the fingerprint's class volumes
+    (:mod:`medseg.losses.class_weights`), taken from the config's list, or ``{}`` for none.
+
+    Raises:
+        ConfigError: A list of the wrong length for the labels.
+        DataError: A structure without a voxel in the training cases (its weight is undefined).
+    """
+    spec = cfg.loss.class_weights
+    if spec == "none":
+        return {}
+    names = cfg.data.structure_names
+    sigmoid = cfg.data.mode is Mode.SIGMOID
+    if isinstance(spec, list):
+        n = len(names) if sigmoid else len(names) + 1
+        if len(spec) != n:
+            what = "one per structure, for the voxels inside it" if sigmoid else "background first"
+            raise ConfigError(
+                f"loss.class_weights has {len(spec)} values; {cfg.data.mode.value} mode with structures "
+                f"{names} needs {n} ({what})"
+            )
+        weights = [[1.0, float(v)] for v in spec] if sigmoid else [float(v) for v in spec]
+        return {"method": "given", "weights": weights}
+    if not fp.label_volumes:
+        raise DataError("cannot compute class weights: the training cases' label volumes were not counted")
+    table = np.asarray(fp.label_volumes, dtype=np.float64)
+    if sigmoid:
+        w = binary_class_weights(table[:, 1:], table[:, 0], spec, names=names)
+    else:
+        background = np.clip(table[:, 0] - table[:, 1:].sum(axis=1), 0, None)
+        w = frequency_class_weights(
+            np.column_stack([background, table[:, 1:]]), spec, names=["background", *names]
+        )
+    weights = [float(f"{v:.6g}") for v in np.ravel(w)]
+    shaped = [weights[i : i + 2] for i in range(0, len(weights), 2)] if sigmoid else weights
+    logger.info("class weights (%s): %s", spec, shaped)
+    return {"method": spec, "weights": shaped}
 
 
 @dataclass
@@ -175,6 +246,8 @@ class Fingerprint:
     shapes: list[tuple[int, ...]]
     in_channels: int
     foreground_samples: list[np.ndarray]  # one array per channel
+    label_volumes: list[tuple[float, ...]] = field(default_factory=list)
+    """Per case, in mm³: the case's volume, then each structure's (config order); empty: not counted."""
 
     @property
     def median_spacing(self) -> tuple[float, ...]:
@@ -188,6 +261,7 @@ def compute_fingerprint(
 
     rng = np.random.default_rng(seed)
     spacings, shapes = [], []
+    volumes: list[tuple[float, ...]] = []
     samples: list[list[np.ndarray]] = []
     in_channels = None
     for case in tqdm(cases, desc="fingerprint", disable=not progress, leave=False):
@@ -200,6 +274,8 @@ def compute_fingerprint(
         if in_channels is None:
             in_channels = image.num_channels
             samples = [[] for _ in range(in_channels)]
+        if label is not None:
+            volumes.append(_label_volumes(label.array, data_cfg, float(np.prod(image.spacing_mm))))
         fg = label.array.any(axis=0) if label is not None else np.ones(image.spatial_shape, bool)
         idx = np.flatnonzero(fg)
         if idx.size:
@@ -213,7 +289,20 @@ def compute_fingerprint(
         shapes=shapes,
         in_channels=in_channels,
         foreground_samples=[np.concatenate(s) if s else np.zeros(1, np.float32) for s in samples],
+        label_volumes=volumes if len(volumes) == len(shapes) else [],
     )
+
+
+def _label_volumes(label: np.ndarray, data_cfg: Any, voxel_mm3: float) -> tuple[float, ...]:
+    """The case's volume and each structure's, in mm³ (exclusive label map or one mask per channel)."""
+    total = float(label[0].size) * voxel_mm3
+    if getattr(data_cfg, "mode", None) is Mode.SOFTMAX and data_cfg.labels:
+        counts = np.bincount(label[0].ravel().astype(np.int64, copy=False))
+        values = [int(data_cfg.labels[n]) for n in data_cfg.structure_names]
+        fg = [float(counts[v]) if v < counts.size else 0.0 for v in values]
+    else:
+        fg = [float(np.count_nonzero(m)) for m in label]
+    return (total, *(c * voxel_mm3 for c in fg))
 
 
 def plan_target_spacing(
@@ -416,6 +505,10 @@ def make_plan(
     else:
         names, values = tuple(data.structure_names), ()
     bw = cfg.loss.border_weights
+    class_weights = plan_class_weights(cfg, fp)
+    border_weights: dict[str, Any] = {"enabled": bw.enabled, "w0": bw.w0, "sigma_mm": bw.sigma_mm}
+    if class_weights:  # the dataset-level weights replace the map's per-case class balance
+        border_weights["class_balance"] = False
     return Plan(
         spatial_dims=dims,
         modality=data.modality,
@@ -429,7 +522,8 @@ def make_plan(
         crop_to_body=data.modality == "ct" and dims == 3,
         body_threshold=-500.0 if data.modality == "ct" else None,
         left_right_pairs=tuple(tuple(p) for p in data.left_right_pairs),
-        border_weights={"enabled": bw.enabled, "w0": bw.w0, "sigma_mm": bw.sigma_mm},
+        border_weights=border_weights,
+        class_weights=class_weights,
         median_shape=median_shape,
         memory_estimate_bytes=int(est_bytes),
         memory_budget_bytes=budget,

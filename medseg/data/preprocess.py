@@ -533,7 +533,12 @@ def compute_weights(label: np.ndarray, plan: Plan) -> np.ndarray | None:
     if not bw.get("enabled", False):
         return None
 
-    kwargs = {"w0": float(bw["w0"]), "sigma_mm": float(bw["sigma_mm"]), "spacing_mm": plan.target_spacing_mm}
+    kwargs = {
+        "w0": float(bw["w0"]),
+        "sigma_mm": float(bw["sigma_mm"]),
+        "spacing_mm": plan.target_spacing_mm,
+        "class_balance": bool(bw.get("class_balance", True)),
+    }
     if plan.mode == Mode.SOFTMAX:
         w = unet_border_weight_map(label[0], **kwargs)
     else:

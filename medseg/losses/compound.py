@@ -15,6 +15,10 @@ eq. 2; :mod:`medseg.losses.weight_maps`) must enter as a normalised weighted mea
 averages over the class channels, so in softmax mode ``gamma=0`` gives ``CE / C`` instead of CE, and it
 takes no weight map. Soft Dice is MONAI's ``DiceLoss`` (see :mod:`medseg.losses.dice`).
 
+Class weights (``loss.class_weights``, :mod:`medseg.losses.class_weights`) enter the same way as the
+weight map: a voxel of class ``c`` gets ``w(x)·cw[c]`` in the weighted mean, which for ``w ≡ 1`` is
+exactly ``torch.nn.functional.cross_entropy(weight=cw)``.
+
 Weighting conventions:
 
 * Weighted CE is normalised **globally over the batch**: ``sum_{b,x} w·ce / sum_{b,x} w`` (not a mean of
@@ -320,10 +324,15 @@ class SegmentationLoss(nn.Module):
             small structures, large enough to make an empty-target-empty-prediction channel score 0 loss.
         ds_weights: Deep-supervision weights per level (highest resolution first); ``None`` = ``2**-i``.
             Normalised to sum 1; the length must match the number of levels passed.
+        class_weights: Class weights of the CE/BCE and focal terms (see
+            :mod:`medseg.losses.class_weights`): softmax, one per channel (background first), so a voxel
+            of class ``c`` counts ``class_weights[c]`` times; sigmoid, an ``(outside, inside)`` pair per
+            channel. They multiply the per-voxel weight map; ``None``: all 1.
+        focal_alpha: The focal term's class balance (see :func:`focal_loss`); ``None``: none.
 
     Raises:
-        ConfigError: If ``mode`` is unknown, ``num_classes`` is too small for the mode, or every term
-            weight is 0.
+        ConfigError: If ``mode`` is unknown, ``num_classes`` is too small for the mode, every term
+            weight is 0, or the class weights or ``focal_alpha`` do not fit the channels.
 
     Example:
         >>> import torch
@@ -348,6 +357,8 @@ class SegmentationLoss(nn.Module):
         squared: bool = False,
         smooth: float = 1e-5,
         ds_weights: Sequence[float] | None = None,
+        class_weights: Sequence[float] | Sequence[Sequence[float]] | None = None,
+        focal_alpha: float | Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if mode not in _MODES:
@@ -378,10 +389,23 @@ class SegmentationLoss(nn.Module):
         self.squared = squared
         self.smooth = smooth
         self.ds_weights = None if ds_weights is None else [float(v) for v in ds_weights]
+        self.class_weights = _check_class_weights(class_weights, self.mode, num_classes)
+        self.focal_alpha = _check_focal_alpha(focal_alpha, num_classes)
 
     @classmethod
-    def from_config(cls, loss_cfg: LossConfig, *, mode: LossMode, num_classes: int) -> SegmentationLoss:
-        """Build from the ``loss:`` section of the config (``border_weights`` is used by the data side)."""
+    def from_config(
+        cls,
+        loss_cfg: LossConfig,
+        *,
+        mode: LossMode,
+        num_classes: int,
+        class_weights: Sequence[float] | Sequence[Sequence[float]] | None = None,
+    ) -> SegmentationLoss:
+        """Build from the ``loss:`` section of the config (``border_weights`` is used by the data side).
+
+        ``class_weights`` are the plan's (``loss.class_weights`` resolved from the training cases at
+        planning); the config only names the method.
+        """
         return cls(
             mode,
             num_classes,
@@ -392,6 +416,8 @@ class SegmentationLoss(nn.Module):
             include_background=loss_cfg.dice_include_background,
             batch_dice=loss_cfg.dice_batch,
             squared=loss_cfg.dice_squared,
+            class_weights=class_weights,
+            focal_alpha=loss_cfg.focal_alpha,
         )
 
     def extra_repr(self) -> str:
@@ -399,7 +425,8 @@ class SegmentationLoss(nn.Module):
             f"mode={self.mode!r}, num_classes={self.num_classes}, dice_weight={self.dice_weight}, "
             f"ce_weight={self.ce_weight}, focal_weight={self.focal_weight}, "
             f"include_background={self.include_background}, batch_dice={self.batch_dice}, "
-            f"squared={self.squared}, smooth={self.smooth}"
+            f"squared={self.squared}, smooth={self.smooth}, class_weights={self.class_weights}, "
+            f"focal_alpha={self.focal_alpha}"
         )
 
     # ---------------------------------------------------------------- public entry points
@@ -480,6 +507,14 @@ class SegmentationLoss(nn.Module):
         else:
             tgt = _binary_target(target, logits, where)
         w = _weight_map(weight_map, logits, where, per_channel=self.mode == Mode.SIGMOID)
+        if self.class_weights is not None:
+            cw = torch.as_tensor(self.class_weights, dtype=_as_float(logits).dtype, device=logits.device)
+            if self.mode == Mode.SOFTMAX:
+                voxel_w = cw[tgt]  # (B, 1, *spatial): the weight of each voxel's true class
+            else:  # per channel: outside + (inside - outside) * mask
+                shape = (1, -1) + (1,) * (logits.ndim - 2)
+                voxel_w = cw[:, 0].view(shape) + (cw[:, 1] - cw[:, 0]).view(shape) * tgt
+            w = voxel_w if w is None else w * voxel_w
         return tgt, w
 
     def _check_channels(self, logits: torch.Tensor, where: str) -> None:
@@ -516,7 +551,9 @@ class SegmentationLoss(nn.Module):
             if self.ce_weight > 0:
                 out["ce"] = weighted_bce(x, target, w)
         if self.focal_weight > 0:
-            out["focal"] = focal_loss(x, target, mode=self.mode, gamma=self.focal_gamma, weight_map=w)
+            out["focal"] = focal_loss(
+                x, target, mode=self.mode, gamma=self.focal_gamma, alpha=self.focal_alpha, weight_map=w
+            )
         return out
 
     def _dice(self, probs: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
@@ -530,12 +567,52 @@ class SegmentationLoss(nn.Module):
         )
 
 
+def _check_class_weights(
+    weights: Sequence[float] | Sequence[Sequence[float]] | None, mode: Mode, num_classes: int
+) -> list[float] | list[list[float]] | None:
+    if weights is None:
+        return None
+    try:
+        w = torch.as_tensor(weights, dtype=torch.float64)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"class_weights must be numbers, got {weights!r}") from exc
+    shape = (num_classes,) if mode == Mode.SOFTMAX else (num_classes, 2)
+    if tuple(w.shape) != shape or not bool(torch.isfinite(w).all() and (w >= 0).all()):
+        what = "one per channel" if mode == Mode.SOFTMAX else "an (outside, inside) pair per channel"
+        raise ConfigError(
+            f"{mode.value} loss with {num_classes} channels needs class_weights of shape {shape} ({what}, "
+            f"non-negative), got {weights!r}"
+        )
+    return w.tolist()
+
+
+def _check_focal_alpha(alpha: float | Sequence[float] | None, num_classes: int) -> float | list[float] | None:
+    if alpha is None:
+        return None
+    if isinstance(alpha, int | float):
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"loss.focal_alpha must lie in [0, 1], got {alpha}")
+        return float(alpha)
+    values = [float(a) for a in alpha]
+    if len(values) != num_classes or any(a < 0 for a in values):
+        raise ConfigError(
+            f"loss.focal_alpha as a list needs one non-negative weight per output channel ({num_classes}, "
+            f"background first in softmax mode), got {values}"
+        )
+    return values
+
+
 def _device(logits: torch.Tensor | Sequence[torch.Tensor]) -> torch.device:
     return logits.device if isinstance(logits, torch.Tensor) else logits[0].device
 
 
 def create_loss(
-    loss_cfg: LossConfig, mode: LossMode, num_classes: int, *, name: str = "dice_ce"
+    loss_cfg: LossConfig,
+    mode: LossMode,
+    num_classes: int,
+    *,
+    name: str = "dice_ce",
+    class_weights: Sequence[float] | Sequence[Sequence[float]] | None = None,
 ) -> nn.Module:
     """Build the training loss from the ``loss:`` config section (the one path from config to loss).
 
@@ -544,6 +621,7 @@ def create_loss(
         mode: ``"softmax"`` or ``"sigmoid"``, i.e. ``cfg.data.mode``.
         num_classes: Number of logit channels (softmax: ``len(labels) + 1``; sigmoid: ``len(structures)``).
         name: Entry of :data:`LOSSES`.
+        class_weights: The plan's class weights (``plan.class_weights["weights"]``), or ``None``.
 
     Returns:
         An ``nn.Module`` called as ``loss(logits, target, weight_map=None)``.
@@ -558,4 +636,6 @@ def create_loss(
         >>> loss.include_background, loss.batch_dice, loss.squared
         (False, True, False)
     """
-    return LOSSES.get(name).from_config(loss_cfg, mode=mode, num_classes=num_classes)
+    return LOSSES.get(name).from_config(
+        loss_cfg, mode=mode, num_classes=num_classes, class_weights=class_weights
+    )

@@ -102,7 +102,9 @@ class _Training:
         self.net = create_network(spec, in_channels=plan.in_channels, out_channels=plan.out_channels).to(
             device
         )
-        self.loss_fn = create_loss(cfg.loss, plan.mode, plan.out_channels).to(device)
+        self.loss_fn = create_loss(
+            cfg.loss, plan.mode, plan.out_channels, class_weights=plan.class_weights.get("weights")
+        ).to(device)
         if tc.optimizer == "adamw":
             self.opt: torch.optim.Optimizer = torch.optim.AdamW(
                 self.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay

@@ -228,7 +228,8 @@ def test_preprocess_key_ignores_memory_fields_and_matches_older_plans() -> None:
     assert planned.preprocess_key() == plain.preprocess_key()
     # the key of a plan written before these fields existed: patch_size and median_shape dropped
     d = json.loads(json.dumps(asdict(plain)))
-    for k in ("patch_size", "median_shape", "memory_estimate_bytes", "memory_budget_bytes", "network"):
+    older = ("patch_size", "median_shape", "memory_estimate_bytes", "memory_budget_bytes", "network")
+    for k in (*older, "class_weights"):
         d.pop(k)
     old_key = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     assert planned.preprocess_key() == old_key

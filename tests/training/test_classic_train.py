@@ -75,3 +75,31 @@ def test_train_and_predict_with_a_classic_network(
         assert masks, "no masks written"
         shape = load_volume(image).array.shape
         assert all(load_volume(m).array.shape == shape for m in masks)
+
+
+@pytest.mark.parametrize(
+    ("mode", "weighting"),
+    [("ct", ["loss.class_weights=median_frequency"]),
+     ("cxr", ["loss.class_weights=inverse_frequency", "loss.focal_weight=1", "loss.focal_alpha=0.25"])],
+)  # fmt: skip
+def test_train_with_class_weights_from_the_training_cases(
+    mode: str,
+    weighting: list[str],
+    phantoms: dict[str, Path],
+    tmp_path: Path,
+    train_args: Any,
+    metrics_rows: Any,
+) -> None:
+    config = "demo_ct.yaml" if mode == "ct" else "demo_chest_xray.yaml"
+    run = tmp_path / "run"
+    extra = [*weighting, *TINY[mode], "train.iterations_per_epoch=2"]
+    assert main(train_args(config, phantoms[mode], phantoms["cache"], run, extra, epochs=2)) == 0
+    plan = json.loads((run / "plan.json").read_text())
+    weights = np.asarray(plan["class_weights"]["weights"])
+    assert plan["class_weights"]["method"] == weighting[0].split("=")[1]
+    assert plan["border_weights"]["class_balance"] is False
+    if mode == "ct":  # background first and the lightest: it is by far the most frequent class
+        assert weights.shape == (len(plan["structure_names"]) + 1,) and weights.argmin() == 0
+    else:  # (outside, inside) per structure: the inside of every structure weighs more
+        assert weights.shape == (len(plan["structure_names"]), 2) and (weights[:, 1] > weights[:, 0]).all()
+    assert all(np.isfinite(float(r["train_loss"])) for r in metrics_rows(run))
