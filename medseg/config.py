@@ -234,6 +234,13 @@ class TrainConfig(Strict):
     early_stopping: PositiveInt | None = Field(
         None, description="stop after this many validations without improvement of the mean Dice"
     )
+    max_minutes: PositiveFloat | None = Field(
+        None,
+        description="wall-clock budget of the whole `medseg train` (planning, preprocessing, training, "
+        "validation), in minutes: training stops after the last epoch that fits (train.epochs is then an "
+        "upper bound), validates it, and the learning-rate schedule follows the time used instead of the "
+        "epochs; a resumed run gets the budget afresh",
+    )
     augment: bool = True
     cache_dir: Path | None = Field(
         None, description="preprocessing cache (default ~/.cache/medseg/preprocessed)"

@@ -44,9 +44,13 @@ from medseg.training.validation import record_validation, validate, validation_b
 logger = logging.getLogger(__name__)
 
 
-def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
-    """Learning-rate multiplier at the start of ``epoch`` (0-based): poly (power 0.9), cosine or constant."""
-    t = min(epoch / max(epochs, 1), 1.0)
+def lr_factor(schedule: str, epoch: int, epochs: int, *, time_fraction: float = 0.0) -> float:
+    """Learning-rate multiplier at the start of ``epoch`` (0-based): poly (power 0.9), cosine or constant.
+
+    The schedule's progress is ``epoch / epochs``, or the share of the time budget used so far
+    (``train.max_minutes``) when that is further along, so a run cut short by its budget still anneals.
+    """
+    t = min(max(epoch / max(epochs, 1), time_fraction), 1.0)
     if schedule == "poly":
         return (1 - t) ** 0.9
     if schedule == "cosine":
@@ -73,16 +77,23 @@ def train(
             finished run.
         progress: Show progress bars (rank 0 only).
     """
+    started = time.monotonic()  # train.max_minutes counts planning and preprocessing too
     with distributed(cfg.train.device) as ctx:
-        return _train(cfg, ctx, Path(run_dir), resume=resume, progress=progress and ctx.is_main)
+        return _train(
+            cfg, ctx, Path(run_dir), resume=resume, progress=progress and ctx.is_main, started=started
+        )
 
 
-def _train(cfg: Config, ctx: DistContext, run_dir: Path, *, resume: bool, progress: bool) -> Path:
-    run = _Training(cfg, ctx, run_dir, prepare(cfg, ctx, run_dir, resume=resume, progress=progress))
+def _train(
+    cfg: Config, ctx: DistContext, run_dir: Path, *, resume: bool, progress: bool, started: float
+) -> Path:
+    setup = prepare(cfg, ctx, run_dir, resume=resume, progress=progress)
+    run = _Training(cfg, ctx, run_dir, setup, started=started)
     for epoch in range(run.start_epoch, cfg.train.epochs):
         row = run.train_epoch(epoch, progress=progress)
-        if run.end_epoch(epoch, row):
-            logger.info("early stopping: no improvement in %d validations", run.since_best)
+        stop = run.end_epoch(epoch, row)
+        if stop:
+            logger.info("%s", stop)
             break
     if run.writer is not None:
         run.writer.close()
@@ -93,9 +104,22 @@ def _train(cfg: Config, ctx: DistContext, run_dir: Path, *, resume: bool, progre
 class _Training:
     """The state of one training run: network, loss, optimiser, schedule, scaler, best score."""
 
-    def __init__(self, cfg: Config, ctx: DistContext, run_dir: Path, setup: Setup) -> None:
+    def __init__(
+        self, cfg: Config, ctx: DistContext, run_dir: Path, setup: Setup, *, started: float | None = None
+    ) -> None:
         tc = cfg.train
         self.cfg, self.ctx, self.run_dir, self.setup = cfg, ctx, run_dir, setup
+        # the time budget: its end, when the epochs began, the share used, the last validation's cost
+        now = time.monotonic()
+        self.deadline = (
+            None if tc.max_minutes is None else (now if started is None else started) + 60 * tc.max_minutes
+        )
+        self.epochs_started, self.time_fraction, self.val_seconds = now, 0.0, 0.0
+        if self.deadline is not None and now >= self.deadline:
+            logger.warning(
+                "planning and preprocessing used all of train.max_minutes = %g; training one epoch",
+                tc.max_minutes,
+            )
         plan, device = setup.plan, setup.device
         self.plan, self.device = plan, device
         spec = network_of(plan, setup.checkpoint, where=run_dir)  # an old run resumed: derived once
@@ -119,7 +143,9 @@ class _Training:
         if setup.checkpoint is not None:
             self._resume(setup.checkpoint)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda e: lr_factor(tc.schedule, e, tc.epochs), last_epoch=self.start_epoch - 1
+            self.opt,
+            lambda e: lr_factor(tc.schedule, e, tc.epochs, time_fraction=self.time_fraction),
+            last_epoch=self.start_epoch - 1,
         )
         self.metrics = MetricsCSV(run_dir / "metrics.csv", plan.structure_names) if ctx.is_main else None
         if self.metrics is not None:
@@ -155,7 +181,7 @@ class _Training:
     def train_epoch(self, epoch: int, *, progress: bool) -> dict[str, Any]:
         """One epoch of training steps; the metrics row so far (epoch, loss, learning rate)."""
         tc = self.cfg.train
-        self.t0 = time.time()
+        self.t0, self.t_mono = time.time(), time.monotonic()
         self.patches.epoch = epoch
         loader = torch.utils.data.DataLoader(
             self.patches,
@@ -180,15 +206,31 @@ class _Training:
         )
         loss = self.ctx.mean(loss, self.device)
         row = {"epoch": epoch + 1, "train_loss": round(loss, 6), "lr": self.opt.param_groups[0]["lr"]}
+        if self.deadline is not None:
+            now = time.monotonic()
+            self.time_fraction = (now - self.epochs_started) / max(self.deadline - self.epochs_started, 1e-9)
         self.sched.step()
         return row
 
-    def end_epoch(self, epoch: int, row: dict[str, Any]) -> bool:
+    def _out_of_time(self) -> bool:
+        """Whether another epoch (as long as this one, with a validation) would end past the budget.
+
+        Rank 0 decides for every process, so that they stop together.
+        """
+        if self.deadline is None:
+            return False
+        now = time.monotonic()
+        return bool(self.ctx.broadcast_object(now + (now - self.t_mono) + self.val_seconds > self.deadline))
+
+    def end_epoch(self, epoch: int, row: dict[str, Any]) -> str | None:
         """Validate when due, write the checkpoints, metrics and curves (rank 0), log the epoch's line;
-        returns whether training stops early."""
+        returns why training stops here (early stopping, the time budget), or None to go on."""
         tc, ctx = self.cfg.train, self.ctx
         val_text, improved = "", False
-        if self.setup.val_cases and ((epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs):
+        last = self._out_of_time() and epoch + 1 < tc.epochs  # the last epoch of the time budget
+        due = (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs or last
+        if self.setup.val_cases and due:
+            t_val = time.monotonic()
             ctx.broadcast_buffers(self.net)
             bundle = validation_bundle(self.net, self.plan, self.cfg, self.device, self.run_dir)
             per = validate(bundle, self.setup.val_cases, self.val_opts, ctx=ctx)
@@ -199,6 +241,7 @@ class _Training:
                 self.best, self.since_best, improved = mean, 0, True
             else:
                 self.since_best += 1
+            self.val_seconds = time.monotonic() - t_val
         rng = ctx.all_gather_object(rng_state())  # every process's RNG states go into the checkpoints
         row["seconds"] = round(time.time() - self.t0, 2)
         if ctx.is_main:
@@ -212,10 +255,15 @@ class _Training:
             row["seconds"],
             val_text,
         )
+        if last:
+            return (
+                f"time budget: stopping after epoch {epoch + 1} of {tc.epochs}, another would end past "
+                f"train.max_minutes = {tc.max_minutes:g}"
+            )
         # every process computed the same validation numbers; rank 0's decision is final all the same
-        return bool(
-            ctx.broadcast_object(tc.early_stopping is not None and self.since_best >= tc.early_stopping)
-        )
+        if ctx.broadcast_object(tc.early_stopping is not None and self.since_best >= tc.early_stopping):
+            return f"early stopping: no improvement in {self.since_best} validations"
+        return None
 
     def _save(self, epoch: int, row: dict[str, Any], rng: list[dict[str, Any]], improved: bool) -> None:
         assert self.metrics is not None

@@ -18,6 +18,7 @@ import torch
 from medseg.cli.main import main
 from medseg.data.synthetic import synth_ct
 from medseg.data.synthetic_cxr import synth_chest_xray
+from medseg.training.loop import lr_factor
 
 TINY_CT = [
     "model.channels=[4,8,16]",
@@ -89,6 +90,31 @@ def test_train_two_epochs_writes_a_model_bundle(
     assert sorted(stored) == sorted(fresh) and all(np.array_equal(stored[k], fresh[k]) for k in fresh)
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ck["epoch"] == 2 and set(ck) >= {"model", "optimizer", "scheduler", "scaler", "rng"}
+
+
+def test_time_budget_ends_training_early_validated_and_annealed(
+    phantoms: dict[str, Path], tmp_path: Path, train_args: Any, metrics_rows: Any, capsys: Any
+) -> None:
+    run = tmp_path / "run"
+    extra = [*TINY_CXR, "train.max_minutes=0.3", "train.val_every=1000"]
+    args = train_args("demo_chest_xray.yaml", phantoms["cxr"], phantoms["cache"], run, extra, epochs=500)
+    assert main(args) == 0
+    rows = metrics_rows(run)
+    assert 2 <= len(rows) < 500
+    assert "time budget: stopping after epoch" in capsys.readouterr().err
+    # the last epoch of the budget is validated although validation was due only every 1000 epochs
+    assert rows[-1]["val_mean_dice"] != "" and all(r["val_mean_dice"] == "" for r in rows[:-1])
+    assert (run / "checkpoints" / "best.pt").is_file()
+    # the schedule follows the time: over 500 epochs poly would barely have moved; here it anneals
+    lr = [float(r["lr"]) for r in rows]
+    assert lr[-1] < 0.5 * lr[0] and lr == sorted(lr, reverse=True)
+
+
+def test_lr_schedule_follows_the_time_used_when_it_is_further_along() -> None:
+    assert lr_factor("poly", 10, 100) == pytest.approx(0.9**0.9)
+    assert lr_factor("poly", 10, 100, time_fraction=0.5) == pytest.approx(0.5**0.9)
+    assert lr_factor("cosine", 50, 100, time_fraction=0.2) == pytest.approx(0.5)  # the epochs lead
+    assert lr_factor("poly", 0, 100, time_fraction=2.0) == 0.0
 
 
 def test_refuses_existing_run_without_resume(
