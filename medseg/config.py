@@ -237,8 +237,9 @@ class TrainConfig(Strict):
     max_minutes: PositiveFloat | None = Field(
         None,
         description="wall-clock budget of the whole `medseg train` (planning, preprocessing, training, "
-        "validation), in minutes: training stops after the last epoch that fits (train.epochs is then an "
-        "upper bound), validates it, and the learning-rate schedule follows the time used instead of the "
+        "validation), in minutes: training stops after the last epoch that fits, or cuts the epoch in "
+        "progress short after the step that spends the budget (train.epochs is then an upper bound), "
+        "validates that last epoch, and the learning-rate schedule follows the time used instead of the "
         "epochs; a resumed run gets the budget afresh",
     )
     augment: bool = True

@@ -16,6 +16,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,7 @@ class _Training:
             tc.grad_clip,
             desc=f"epoch {epoch + 1}/{tc.epochs}",
             progress=progress,
+            stop=None if self.deadline is None else self._past_deadline,
         )
         loss = self.ctx.mean(loss, self.device)
         row = {"epoch": epoch + 1, "train_loss": round(loss, 6), "lr": self.opt.param_groups[0]["lr"]}
@@ -211,6 +213,11 @@ class _Training:
             self.time_fraction = (now - self.epochs_started) / max(self.deadline - self.epochs_started, 1e-9)
         self.sched.step()
         return row
+
+    def _past_deadline(self) -> bool:
+        """Whether the time budget is spent (rank 0 decides, so every process ends the epoch together)."""
+        assert self.deadline is not None
+        return bool(self.ctx.broadcast_object(time.monotonic() > self.deadline))
 
     def _out_of_time(self) -> bool:
         """Whether another epoch (as long as this one, with a validation) would end past the budget.
@@ -336,8 +343,10 @@ def _train_epoch(
     *,
     desc: str,
     progress: bool,
+    stop: Callable[[], bool] | None = None,
 ) -> float:
-    """One pass over the epoch's batches; returns the mean training loss."""
+    """One pass over the epoch's batches (cut short after the step at which ``stop()`` turns true);
+    returns the mean training loss."""
     model.train()
     losses = []
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
@@ -359,6 +368,8 @@ def _train_epoch(
         scaler.update()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if stop is not None and stop():
+            break
     return float(np.mean(losses))
 
 
