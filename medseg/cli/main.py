@@ -27,6 +27,7 @@ Common tasks:
   medseg data check --config configs/x.yaml    list every problem in a dataset
   medseg config show --config configs/x.yaml   the resolved config with all defaults
   medseg train --config configs/demo_ct.yaml   train a model; the run directory is the model
+  medseg baseline threshold --config CFG --run-dir DIR   classical baseline (fitted, not trained)
   medseg predict --model RUN --input SCAN --output DIR   label maps on each scan's own grid
   medseg evaluate --pred DIR --ref DIR --output DIR      Dice, volumes (mL), HD95/NSD per structure
   medseg report --image SCAN --mask LABELS --output DIR  organ volumes, overlays (HTML, PDF)
@@ -38,6 +39,7 @@ Run `medseg COMMAND --help` for the options of each command.
 
 def build_parser() -> argparse.ArgumentParser:
     from medseg.cli import (
+        baseline_cmd,
         config_cmd,
         convert_cmd,
         data_cmd,
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmd.register(sub)
     config_cmd.register(sub)
     train_cmd.register(sub)
+    baseline_cmd.register(sub)
     predict_cmd.register(sub)
     evaluate_cmd.register(sub)
     report_cmd.register(sub)

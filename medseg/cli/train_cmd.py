@@ -55,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
             raise MedsegError("give --config FILE (e.g. configs/demo_ct.yaml)")
         config = args.config
     cfg = load_config(config, overrides)
+    if cfg.model.name == "threshold":
+        raise MedsegError(
+            "model.name 'threshold' is the classical baseline: it has no weights to train; fit it with "
+            "`medseg baseline threshold --config FILE --run-dir DIR` instead"
+        )
     from medseg.io._atomic import ensure_writable_folder
     from medseg.training.distributed import distributed
     from medseg.training.loop import train

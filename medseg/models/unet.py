@@ -22,6 +22,9 @@ that record first. Registered models:
 ``fcn``, ``dense_unet``, ``deeplab``, ``pspnet``
     The classic networks, in :mod:`medseg.models.classic` (their own settings go in
     ``model.options``).
+``threshold``
+    The classical baseline (fitted intensity windows, no trainable weights), in
+    :mod:`medseg.models.threshold`; fitted by ``medseg baseline threshold``, not trained.
 
 Strides: see :mod:`medseg.models.spec`. The input's spatial size must be divisible, per axis, by the
 product of the strides (:func:`required_divisor`); otherwise the forward pass raises
@@ -54,6 +57,7 @@ from torch import nn
 from medseg.config import ModelConfig
 from medseg.errors import ConfigError
 from medseg.models import classic as _classic  # noqa: F401  (registers fcn, dense_unet, deeplab, pspnet)
+from medseg.models import threshold as _threshold  # noqa: F401  (registers threshold)
 from medseg.models._blocks import ResizeUpBlock, norm_spec
 from medseg.models._registry import MODELS, _cumulative, check_input, check_input_shape
 from medseg.models.spec import (

@@ -313,7 +313,8 @@ def _run_probe(
         output = sum(o.untyped_storage().nbytes() for o in outs)
         phase[0] = "other"
         loss = loss_fn([o.float() for o in outs] if isinstance(out, (list, tuple)) else out.float(), y, w)
-    loss.backward()
+    if loss.requires_grad:  # a network without trainable weights (the threshold baseline) has no backward
+        loss.backward()
     network = sum(b for ph, b, _ in seen.values() if ph == "network")
     other = sum(b for ph, b, _ in seen.values() if ph == "other")
     largest = max((b for _, b, _ in seen.values()), default=0)

@@ -8,7 +8,7 @@ build their share of the preprocessing cache (conventions: :mod:`medseg.training
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,9 @@ __all__ = ["Setup", "prepare", "restore_rng"]
 
 logger = logging.getLogger(__name__)
 
+MemoryFactory = Callable[[Sequence[float], int], Any]
+"""``(target spacing, in_channels) ->`` a training-memory estimator (what :func:`make_plan` takes)."""
+
 
 @dataclass
 class Setup:
@@ -45,9 +48,21 @@ class Setup:
     val_cases: list[OriginalCase]
 
 
-def prepare(cfg: Config, ctx: DistContext, run_dir: Path, *, resume: bool, progress: bool) -> Setup:
+def prepare(
+    cfg: Config,
+    ctx: DistContext,
+    run_dir: Path,
+    *,
+    resume: bool,
+    progress: bool,
+    memory: MemoryFactory | None = None,
+) -> Setup:
     """Choose the device, check the run directory (and the checkpoint to resume, before anything in
     the run directory is rewritten), split the cases, plan (rank 0), and cache the training cases.
+
+    ``memory`` is the planner's training-memory estimator factory (``(target spacing, in_channels) ->``
+    estimator); by default training's, measured on the configured network. A model that is not trained
+    by gradient steps (the threshold baseline) passes its own.
 
     Raises:
         DataError: No labelled training cases, a run directory that holds a run (without ``resume``)
@@ -76,7 +91,7 @@ def prepare(cfg: Config, ctx: DistContext, run_dir: Path, *, resume: bool, progr
     # the other processes wait for rank 0's plan instead of reading every image again
     plan: Plan = ctx.broadcast_object(
         _plan_and_bundle(
-            cfg, run_dir, [by_id[i] for i in train_ids], resume, device, ctx.world_size, progress
+            cfg, run_dir, [by_id[i] for i in train_ids], resume, device, ctx.world_size, progress, memory
         )
         if ctx.is_main
         else None
@@ -125,6 +140,7 @@ def _plan_and_bundle(
     device: torch.device,
     world_size: int,
     progress: bool,
+    memory: MemoryFactory | None = None,
 ) -> Plan:
     """Rank 0: plan (or reload the run's plan when resuming), write config.yaml, env.json, plan.json."""
     plan_path = run_dir / "plan.json"
@@ -133,7 +149,8 @@ def _plan_and_bundle(
     else:
         logger.info("planning from %d training cases", len(cases))
         fp = compute_fingerprint(cases, cfg.data, seed=cfg.train.seed, progress=progress)
-        plan = make_plan(cfg, fp, memory=memory_estimator(cfg), divisor=2 ** (len(cfg.model.channels) - 1))
+        estimator = memory if memory is not None else memory_estimator(cfg)
+        plan = make_plan(cfg, fp, memory=estimator, divisor=2 ** (len(cfg.model.channels) - 1))
     write_bundle_files(run_dir, cfg, str(device), world_size=world_size)
     plan.save(plan_path)
     logger.info(
