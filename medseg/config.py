@@ -42,6 +42,7 @@ __all__ = [
     "LossConfig",
     "TrainConfig",
     "PredictConfig",
+    "CRFConfig",
     "load_config",
     "parse_override",
     "apply_overrides",
@@ -256,6 +257,42 @@ class TrainConfig(Strict):
         return v
 
 
+class CRFConfig(Strict):
+    """Dense CRF refinement of the probabilities on the scan's own grid before the argmax/threshold
+    (:mod:`medseg.models.crf`; off by default).
+
+    Defaults translate Krähenbühl & Koltun's (2011) natural-image settings (spatial kernel w = 3,
+    sigma = 3 px; bilateral kernel w = 5-10, sigma_xy 50-80 px, sigma_rgb 13 of 255) to scans: 3 px is
+    about 3 mm on CT's ~1 mm voxels; the bilateral window is truncated (``window`` voxels), so its
+    width is what fits a short window, 5 mm; the intensity width is in the plan's normalised units by
+    default (13/255 on a photograph is about a quarter of its standard deviation), the same for CT,
+    MR and radiographs of any bit depth.
+    """
+
+    enabled: bool = False
+    iterations: PositiveInt = Field(5, description="mean-field iterations (5 is near convergence)")
+    spatial_sigma_mm: PositiveFloat = Field(3.0, description="width of the Gaussian smoothness kernel")
+    bilateral_sigma_mm: PositiveFloat = Field(5.0, description="spatial width of the appearance kernel")
+    bilateral_sigma_intensity: PositiveFloat = Field(
+        0.25, description="intensity width of the appearance kernel, in the units `intensity` names"
+    )
+    weights: tuple[NonNegativeFloat, NonNegativeFloat] = Field(
+        (3.0, 5.0), description="(spatial, bilateral) kernel weights; the kernels are normalised averages"
+    )
+    intensity: Literal["normalised", "raw"] = Field(
+        "normalised",
+        description="intensities of the appearance kernel: the model's own input normalisation applied on "
+        "the scan's grid (unitless, any modality), or raw image values (HU for CT, pixel values for X-ray)",
+    )
+    window: int = Field(
+        3,
+        ge=1,
+        le=10,
+        description="largest half-width in voxels per axis of the appearance kernel's window (cost grows "
+        "as (2 * window + 1) ** spatial_dims per voxel and iteration)",
+    )
+
+
 class PredictConfig(Strict):
     """Sliding-window inference settings (``medseg predict`` and validation)."""
 
@@ -270,6 +307,7 @@ class PredictConfig(Strict):
     )
     min_component_mm3: NonNegativeFloat = 0.0
     fill_holes: bool = False
+    crf: CRFConfig = Field(default_factory=CRFConfig)
 
 
 class Config(Strict):

@@ -56,6 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--threshold", type=float, help="probability threshold of overlapping-structure models (0.5)"
     )
     g.add_argument(
+        "--crf",
+        action=argparse.BooleanOptionalAction,
+        help="dense CRF refinement of the probabilities on the scan's grid before the decision, with the run "
+        "config's predict.crf settings (off; slow on a CPU for 3D scans with many classes)",
+    )
+    g.add_argument(
         "--no-skip-air",
         dest="skip_air",
         action="store_false",
@@ -228,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
+    if args.crf is not None:
+        overrides["crf"] = bundle_defaults.crf.model_copy(update={"enabled": args.crf})
     engine = replace(
         bundle_defaults,
         **overrides,

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -42,12 +42,13 @@ from monai.data.utils import compute_importance_map
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from medseg.config import PredictConfig
+from medseg.config import CRFConfig, PredictConfig
 from medseg.data.canonical import SLAB_BYTES, canonical_grid, oriented_view
 from medseg.data.geometry import resampled_shape
 from medseg.data.plan import ChannelNorm, Plan
 from medseg.data.preprocess import Layout, LazyInput, Preprocessing, zfirst
 from medseg.errors import ConfigError
+from medseg.inference.crf import crf_for_scan, crf_memory_bytes
 from medseg.inference.restore import Finaliser, ProbabilitySink, Restorer, logit, new_output
 from medseg.inference.tiling import Accumulator, NetworkRunner, RoiMap, window_slices
 from medseg.labels import Mode
@@ -88,6 +89,8 @@ class EngineOptions:
             reference.
         accumulator_dtype: ``float32``, or ``float16`` to halve the accumulator (argmax ties may change).
         threshold: Probability threshold of sigmoid (overlapping-structure) models.
+        crf: Dense CRF refinement of the probabilities on the scan's own grid before the decision
+            (:mod:`medseg.inference.crf`), when ``crf.enabled``.
         progress: Show a progress bar over windows.
     """
 
@@ -99,6 +102,7 @@ class EngineOptions:
     resample: Literal["logits", "probabilities"] = "logits"
     accumulator_dtype: Literal["float32", "float16"] = "float32"
     threshold: float = 0.5
+    crf: CRFConfig = field(default_factory=CRFConfig)
     progress: bool = False
 
     @classmethod
@@ -110,6 +114,7 @@ class EngineOptions:
             "tta": predict.tta,
             "threshold": predict.threshold,
             "resample": predict.resample,
+            "crf": predict.crf,
         }
         return cls(**{**base, **changes})
 
@@ -218,7 +223,10 @@ def segment(
     air = _air_level(norms, plan) if opts.skip_air else None
     out = new_output(layout, plan)
     view = oriented_view(out, layout.ornt)
-    restorer = Restorer(layout, view, plan, threshold=opts.threshold, sink=sink, space=opts.resample)
+    crf = crf_for_scan(image, prep, plan.mode, opts.crf, device=device) if opts.crf.enabled else None
+    restorer = Restorer(
+        layout, view, plan, threshold=opts.threshold, sink=sink, space=opts.resample, refine=crf
+    )
 
     patch = tuple(int(p) for p in plan.patch_size)
     padded = layout.padded_shape
@@ -309,8 +317,9 @@ def estimate_memory(image: Volume, plan: Plan, opts: EngineOptions, *, params: i
     ``accumulator``: the ring of blended logits and weights; ``output``: the label map (Fortran
     order, written without a copy); ``input_slabs``: lazy preprocessing and window batches;
     ``restore``: finalisation chunks; ``network``: parameters and activations (a rough bound of
-    ``batch × patch voxels × 64 channels × 4 bytes × 4``). Sizes of the canonical crop are taken as the
-    whole grid (the body box is not known before reading the data).
+    ``batch × patch voxels × 64 channels × 4 bytes × 4``); ``crf``: the dense CRF's rows, when on.
+    Sizes of the canonical crop are taken as the whole grid (the body box is not known before reading
+    the data).
     """
     _, canon_shape, spacing = canonical_grid(image)
     res = resampled_shape(canon_shape, spacing, plan.target_spacing_mm)
@@ -331,5 +340,9 @@ def estimate_memory(image: Volume, plan: Plan, opts: EngineOptions, *, params: i
         "restore": 4 * SLAB_BYTES,
         "network": 4 * params + opts.batch_size * math.prod(patch) * 64 * 4 * 4,
     }
+    if opts.crf.enabled:
+        plane = canon_shape[:-1]
+        chunk = max(1, int(SLAB_BYTES // max(1, 4 * k * math.prod(plane) * 3)))  # the Restorer's rows
+        est["crf"] = crf_memory_bytes(plane, k, plan.in_channels, opts.crf, spacing, chunk)
     est["total"] = sum(est.values())
     return est

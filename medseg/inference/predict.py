@@ -458,7 +458,7 @@ def _header(bundle: Bundle, opts: EngineOptions, batch: BatchOptions) -> dict[st
         "device": str(bundle.device),
         "cpu_threads": torch.get_num_threads(),
         "options": {
-            **{k: v for k, v in asdict(opts).items() if k != "progress"},
+            **{k: v for k, v in asdict(opts).items() if k not in ("progress", "crf")},
             "format": batch.output_format,
             "save_probabilities": batch.save_probabilities,
             "report": batch.report,
@@ -468,6 +468,7 @@ def _header(bundle: Bundle, opts: EngineOptions, batch: BatchOptions) -> dict[st
             "single_component": sorted(pp.single),
             "min_component_mm3": pp.min_component_mm3,
             "fill_holes": pp.fill_holes,
+            "crf": opts.crf.model_dump(mode="json"),  # before the decision, on the scan's grid
         },
         "versions": _versions(),
     }

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -33,6 +33,15 @@ ProbabilitySink = Callable[[tuple[slice, ...], np.ndarray], None]
 (in-plane slices, then the ``n`` rows along the last axis)."""
 
 
+class RowRefiner(Protocol):
+    """Refines probabilities of crop rows pushed in order (e.g. :class:`medseg.inference.crf.StreamingCRF`):
+    ``push(z0, probs)`` returns ``(row, probs)`` blocks that are final, every row once the last is pushed."""
+
+    finished: bool
+
+    def push(self, z0: int, probs: np.ndarray) -> list[tuple[int, np.ndarray]]: ...
+
+
 class Restorer:
     """Takes finalised probabilities (or logits, ``space="logits"``) of resampled-grid rows (in order)
     and writes decided labels of canonical-crop rows into ``out`` (a canonical view of the output),
@@ -41,6 +50,9 @@ class Restorer:
     softmax: ``out`` is ``(1, *canonical)`` and receives label values (argmax, first maximum wins);
     sigmoid: ``out`` is ``(S, *canonical)`` and receives 0/1 (``p >= threshold``, i.e. ``logit >=
     logit(threshold)``).
+
+    ``refine`` (the dense CRF) receives the probabilities of the crop rows before the decision; the
+    rows it returns are decided (and given to ``sink``) in probability space.
     """
 
     def __init__(
@@ -52,9 +64,10 @@ class Restorer:
         threshold: float = 0.5,
         sink: ProbabilitySink | None = None,
         space: Literal["probabilities", "logits"] = "probabilities",
+        refine: RowRefiner | None = None,
     ) -> None:
         self.layout, self.out, self.mode, self.threshold, self.sink = layout, out, plan.mode, threshold, sink
-        self.space = space
+        self.space, self.refine = space, refine
         self.lut = np.array([0, *plan.label_values], dtype=out.dtype) if plan.mode == Mode.SOFTMAX else None
         self.buf: np.ndarray | None = None
         self.q0 = 0  # resampled row of buf[0]
@@ -97,9 +110,16 @@ class Restorer:
             self.buf = self.buf[:0]
 
     def _decide(self, z0: int, z1: int, values: np.ndarray) -> None:
+        if self.refine is None:
+            self._write(z0, z1, values, logits=self.space == "logits")
+            return
+        probs = _activate(values, self.mode) if self.space == "logits" else values
+        for r0, refined in self.refine.push(z0, probs):
+            self._write(r0, r0 + len(refined), refined, logits=False)
+
+    def _write(self, z0: int, z1: int, values: np.ndarray, *, logits: bool) -> None:
         c0 = self.layout.crop[-1].start
         inplane = self.layout.crop[:-1]
-        logits = self.space == "logits"
         if self.sink is not None:
             self.sink((*inplane, slice(c0 + z0, c0 + z1)), _activate(values, self.mode) if logits else values)
         if self.mode == Mode.SOFTMAX:  # the argmax of the logits is the argmax of their softmax
@@ -112,7 +132,7 @@ class Restorer:
 
     @property
     def done(self) -> bool:
-        return self.next >= self.layout.crop_shape[-1]
+        return self.next >= self.layout.crop_shape[-1] and (self.refine is None or self.refine.finished)
 
 
 def _argmax_channels(probs: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ import pytest
 from factories import build_plan
 
 from medseg.cli.main import main
+from medseg.config import CRFConfig
 from medseg.data.plan import ChannelNorm
 from medseg.inference.writers import combined_label_map
 from medseg.io import load_volume, save_volume
@@ -493,6 +494,7 @@ def test_run_directory_problems_are_explained(bundle: Path, tmp_path: Path, caps
         "single_component": [],
         "min_component_mm3": 0.0,
         "fill_holes": False,
+        "crf": CRFConfig().model_dump(mode="json"),  # off
     }
     (run / "checkpoints" / "last.pt").unlink()
     assert _predict(run, [tmp_path / "in" / "c.nii.gz"], tmp_path / "o2") == 2
