@@ -44,6 +44,9 @@ from medseg.training.validation import record_validation, validate, validation_b
 
 logger = logging.getLogger(__name__)
 
+_clock = time.monotonic
+"""The clock of ``train.max_minutes`` (seconds; a test may replace it)."""
+
 
 def lr_factor(schedule: str, epoch: int, epochs: int, *, time_fraction: float = 0.0) -> float:
     """Learning-rate multiplier at the start of ``epoch`` (0-based): poly (power 0.9), cosine or constant.
@@ -78,7 +81,7 @@ def train(
             finished run.
         progress: Show progress bars (rank 0 only).
     """
-    started = time.monotonic()  # train.max_minutes counts planning and preprocessing too
+    started = _clock()  # train.max_minutes counts planning and preprocessing too
     with distributed(cfg.train.device) as ctx:
         return _train(
             cfg, ctx, Path(run_dir), resume=resume, progress=progress and ctx.is_main, started=started
@@ -111,14 +114,16 @@ class _Training:
         tc = cfg.train
         self.cfg, self.ctx, self.run_dir, self.setup = cfg, ctx, run_dir, setup
         # the time budget: its end, when the epochs began, the share used, the last validation's cost
-        now = time.monotonic()
+        now = _clock()
         self.deadline = (
             None if tc.max_minutes is None else (now if started is None else started) + 60 * tc.max_minutes
         )
-        self.epochs_started, self.time_fraction, self.val_seconds = now, 0.0, 0.0
+        self.epochs_started, self.val_seconds = now, 0.0
+        # the schedule's progress by time; a resumed run lays its new budget over what is left of it
+        self.time_base = self.time_fraction = 0.0
         if self.deadline is not None and now >= self.deadline:
             logger.warning(
-                "planning and preprocessing used all of train.max_minutes = %g; training one epoch",
+                "planning and preprocessing used all of train.max_minutes = %g; training one step",
                 tc.max_minutes,
             )
         plan, device = setup.plan, setup.device
@@ -173,6 +178,7 @@ class _Training:
         if ck.get("scaler"):  # empty when the run was saved without fp16 scaling (e.g. on a CPU)
             self.scaler.load_state_dict(ck["scaler"])
         self.start_epoch, self.best = ck["epoch"], ck["best_metric"]
+        self.time_base = self.time_fraction = min(max(float(ck.get("time_fraction", 0.0)), 0.0), 1.0)
         # since_best stays 0: resuming (e.g. with more epochs) is a deliberate decision, patience restarts
         restore_rng(ck, self.ctx, tc.batch_size)
         logger.info("resumed %s at epoch %d/%d", self.run_dir, self.start_epoch, tc.epochs)
@@ -182,7 +188,7 @@ class _Training:
     def train_epoch(self, epoch: int, *, progress: bool) -> dict[str, Any]:
         """One epoch of training steps; the metrics row so far (epoch, loss, learning rate)."""
         tc = self.cfg.train
-        self.t0, self.t_mono = time.time(), time.monotonic()
+        self.t0, self.t_mono = time.time(), _clock()
         self.patches.epoch = epoch
         loader = torch.utils.data.DataLoader(
             self.patches,
@@ -209,15 +215,19 @@ class _Training:
         loss = self.ctx.mean(loss, self.device)
         row = {"epoch": epoch + 1, "train_loss": round(loss, 6), "lr": self.opt.param_groups[0]["lr"]}
         if self.deadline is not None:
-            now = time.monotonic()
-            self.time_fraction = (now - self.epochs_started) / max(self.deadline - self.epochs_started, 1e-9)
+            now = _clock()
+            used = min((now - self.epochs_started) / max(self.deadline - self.epochs_started, 1e-9), 1.0)
+            # rank 0's clock for every process: the learning rates must not differ between them
+            self.time_fraction = float(
+                self.ctx.broadcast_object(self.time_base + (1 - self.time_base) * used)
+            )
         self.sched.step()
         return row
 
     def _past_deadline(self) -> bool:
         """Whether the time budget is spent (rank 0 decides, so every process ends the epoch together)."""
         assert self.deadline is not None
-        return bool(self.ctx.broadcast_object(time.monotonic() > self.deadline))
+        return bool(self.ctx.broadcast_object(_clock() > self.deadline))
 
     def _out_of_time(self) -> bool:
         """Whether another epoch (as long as this one, with a validation) would end past the budget.
@@ -226,7 +236,7 @@ class _Training:
         """
         if self.deadline is None:
             return False
-        now = time.monotonic()
+        now = _clock()
         return bool(self.ctx.broadcast_object(now + (now - self.t_mono) + self.val_seconds > self.deadline))
 
     def end_epoch(self, epoch: int, row: dict[str, Any]) -> str | None:
@@ -237,7 +247,7 @@ class _Training:
         last = self._out_of_time() and epoch + 1 < tc.epochs  # the last epoch of the time budget
         due = (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs or last
         if self.setup.val_cases and due:
-            t_val = time.monotonic()
+            t_val = _clock()
             ctx.broadcast_buffers(self.net)
             bundle = validation_bundle(self.net, self.plan, self.cfg, self.device, self.run_dir)
             per = validate(bundle, self.setup.val_cases, self.val_opts, ctx=ctx)
@@ -248,7 +258,7 @@ class _Training:
                 self.best, self.since_best, improved = mean, 0, True
             else:
                 self.since_best += 1
-            self.val_seconds = time.monotonic() - t_val
+            self.val_seconds = _clock() - t_val
         rng = ctx.all_gather_object(rng_state())  # every process's RNG states go into the checkpoints
         row["seconds"] = round(time.time() - self.t0, 2)
         if ctx.is_main:
@@ -286,6 +296,7 @@ class _Training:
             self.cfg,
             self.plan,
             rng,
+            self.time_fraction,
         )
         if improved:
             save_checkpoint(checkpoints / "best.pt", state)
@@ -399,6 +410,7 @@ def _checkpoint(
     cfg: Config,
     plan: Plan,
     rng: list[dict[str, Any]],
+    time_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """Checkpoint contents with the unwrapped ``model``; ``rng`` holds every process's RNG states in rank
     order: ``rng`` keeps rank 0's (what a single process restores), ``rng_ranks`` all of them."""
@@ -415,6 +427,7 @@ def _checkpoint(
         "config_hash": config_hash(cfg),
         "plan": plan.to_dict(),
         "model_config": cfg.model.model_dump(mode="json"),
+        "time_fraction": time_fraction,  # the schedule's progress by train.max_minutes
     }
     if len(rng) > 1:
         payload["rng_ranks"] = rng
