@@ -270,13 +270,18 @@ class CRFConfig(Strict):
     """
 
     enabled: bool = False
-    iterations: PositiveInt = Field(5, description="mean-field iterations (5 is near convergence)")
-    spatial_sigma_mm: PositiveFloat = Field(3.0, description="width of the Gaussian smoothness kernel")
-    bilateral_sigma_mm: PositiveFloat = Field(5.0, description="spatial width of the appearance kernel")
-    bilateral_sigma_intensity: PositiveFloat = Field(
-        0.25, description="intensity width of the appearance kernel, in the units `intensity` names"
+    # bounded: a run's config.yaml may come from elsewhere, and each iteration holds rows in memory
+    iterations: int = Field(5, ge=1, le=50, description="mean-field iterations (5 is near convergence)")
+    spatial_sigma_mm: float = Field(3.0, gt=0, le=500, description="width of the Gaussian smoothness kernel")
+    bilateral_sigma_mm: float = Field(5.0, gt=0, le=500, description="spatial width of the appearance kernel")
+    bilateral_sigma_intensity: float = Field(
+        0.25,
+        ge=1e-3,
+        le=1e6,
+        description="intensity width of the appearance kernel, in the units `intensity` names (narrower "
+        "than 1e-3 would overflow the kernel)",
     )
-    weights: tuple[NonNegativeFloat, NonNegativeFloat] = Field(
+    weights: tuple[Annotated[float, Field(ge=0, le=1000)], Annotated[float, Field(ge=0, le=1000)]] = Field(
         (3.0, 5.0), description="(spatial, bilateral) kernel weights; the kernels are normalised averages"
     )
     intensity: Literal["normalised", "raw"] = Field(

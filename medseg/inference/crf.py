@@ -34,6 +34,7 @@ import torch
 from medseg.config import CRFConfig
 from medseg.data.canonical import canonical_grid
 from medseg.data.preprocess import Preprocessing
+from medseg.errors import DataError
 from medseg.labels import Mode
 from medseg.models.crf import MeanField
 
@@ -135,7 +136,14 @@ class StreamingCRF:
                 if t < last:
                     self.levels[t].append(q)
                 else:
-                    out.append((o0, np.ascontiguousarray(q[0].transpose(0, 1).cpu().numpy())))
+                    q_rows = np.ascontiguousarray(q[0].transpose(0, 1).cpu().numpy())
+                    if not np.isfinite(q_rows).all():  # labels decided from NaN would be silently empty
+                        raise DataError(
+                            f"the dense CRF gave non-finite probabilities in rows {o0}-{o1}; its settings "
+                            f"(predict.crf: {self.mf.cfg.model_dump()}) overflow on this scan: widen "
+                            "bilateral_sigma_intensity or lower the weights"
+                        )
+                    out.append((o0, q_rows))
             self.levels[t - 1].drop_before(self.done[t] - r)
         self.unary.drop_before(self.done[last])
         self.feat.drop_before(self.done[last] - r)

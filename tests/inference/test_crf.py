@@ -18,7 +18,7 @@ from medseg.cli.main import main
 from medseg.config import CRFConfig, load_config
 from medseg.data.canonical import canonical_grid, oriented_view
 from medseg.data.plan import ChannelNorm
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, DataError
 from medseg.inference.crf import StreamingCRF
 from medseg.inference.engine import EngineOptions, estimate_memory, segment
 from medseg.io import save_volume
@@ -405,3 +405,20 @@ def test_predict_cli_with_crf_keeps_the_input_grid_and_records_the_settings(tmp_
     labels = np.asarray(pred.dataobj)
     inside = p_on.max(0) > 0.6  # float16 storage: compare away from near-ties
     np.testing.assert_array_equal(labels[inside], p_on.argmax(0)[inside])
+
+
+def test_settings_from_an_untrusted_config_are_bounded():
+    # a run's config.yaml may come from elsewhere: no billion iterations, no kernel that overflows
+    for bad in ({"iterations": 10**9}, {"bilateral_sigma_intensity": 1e-40}, {"spatial_sigma_mm": 1e9},
+                {"weights": (1e9, 1.0)}):  # fmt: skip
+        with pytest.raises(ValueError):
+            CRFConfig(**bad)
+
+
+def test_non_finite_marginals_are_an_error_not_empty_labels(monkeypatch):
+    shape = (6, 6, 8)
+    crf = StreamingCRF((1.0, 1.0, 1.0), CRFConfig(iterations=1, window=1), "softmax", shape[-1],
+                       lambda z0, z1: np.zeros((1, *shape[:-1], z1 - z0), np.float32))  # fmt: skip
+    monkeypatch.setattr(crf.mf, "step", lambda *a, **k: torch.full((1, 2, 8, 6, 6), float("nan")))
+    with pytest.raises(DataError, match="non-finite probabilities"):
+        crf.push(0, np.full((shape[-1], 2, *shape[:-1]), 0.5, np.float32))
