@@ -113,9 +113,18 @@ def window_logits(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: to
     return torch.minimum(torch.minimum(x - lo, hi - x), scale) / scale
 
 
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"model.options.{where} must be a finite number, got {value!r}")
+_LIMIT = 1e30
+"""Largest window end (normalised intensities are z-scores; a plan's numbers are untrusted data)."""
+MAX_SIGMA_VOX = 16.0
+"""Largest smoothing in voxels (the fit tries 0-2): the kernel grows with it, and a plan may come from
+elsewhere."""
+MIN_SCALE = 1e-6
+"""Smallest ramp width: the logits divide by it in float32."""
+
+
+def _number(value: Any, where: str, lo: float = -_LIMIT, hi: float = _LIMIT) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise ConfigError(f"model.options.{where} must be a number in [{lo:g}, {hi:g}], got {value!r}")
     return float(value)
 
 
@@ -147,9 +156,7 @@ def _windows(spec: NetworkSpec, in_channels: int, n: int) -> list[dict[str, Any]
         hi = math.inf if w.get("hi") is None else _number(w["hi"], f"windows[{k}].hi")
         if not lo < hi:
             raise ConfigError(f"model.options.windows[{k}]: lo {lo} must be below hi {hi}")
-        scale = _number(w.get("scale"), f"windows[{k}].scale")
-        if scale <= 0:
-            raise ConfigError(f"model.options.windows[{k}].scale must be positive, got {scale}")
+        scale = _number(w.get("scale"), f"windows[{k}].scale", MIN_SCALE)
         side = w.get("side", 0)
         if side not in (-1, 0, 1) or isinstance(side, bool):
             raise ConfigError(f"model.options.windows[{k}].side must be -1, 0 or 1, got {side!r}")
@@ -191,9 +198,7 @@ class ThresholdNet(nn.Module):
         sigma = spec.options.get("sigma_vox") or [0.0] * nd
         if not isinstance(sigma, list | tuple) or len(sigma) != nd:
             raise ConfigError(f"model.options.sigma_vox must give {nd} values (one per axis), got {sigma!r}")
-        self.sigma_vox = tuple(_number(s, "sigma_vox") for s in sigma)
-        if any(s < 0 for s in self.sigma_vox):
-            raise ConfigError(f"model.options.sigma_vox must not be negative, got {list(self.sigma_vox)}")
+        self.sigma_vox = tuple(_number(s, "sigma_vox", 0.0, MAX_SIGMA_VOX) for s in sigma)
         self.spatial_dims, self.in_channels = nd, in_channels
         self.level_strides = [(1,) * nd]
         self.input_divisor = (1,) * nd

@@ -147,7 +147,14 @@ def test_gaussian_smooth_matches_scipy_with_replicated_edges() -> None:
         ({}, "medseg baseline threshold"),
         ({"mode": "softmax", "windows": [_window(0, 1, 1)]}, "2 structures"),
         ({"mode": "sigmoid", "windows": [_window(1, 0, 1)] * 2}, "lo 1.0 must be below hi 0.0"),
-        ({"mode": "sigmoid", "windows": [_window(0, 1, 0)] * 2}, "scale must be positive"),
+        ({"mode": "sigmoid", "windows": [_window(0, 1, 0)] * 2}, r"scale must be a number in \[1e-06"),
+        ({"mode": "sigmoid", "windows": [_window(0, 1, 1e-300)] * 2}, r"scale must be a number in \[1e-06"),
+        ({"mode": "sigmoid", "windows": [_window(-1e300, 1, 1)] * 2}, "lo must be a number"),
+        # a plan is untrusted: a smoothing of 1e9 voxels would build a kernel of 6e9 taps
+        (
+            {"mode": "sigmoid", "windows": [_window(0, 1, 1)] * 2, "sigma_vox": [1e9, 0.0]},
+            "sigma_vox must be",
+        ),
         ({"mode": "sigmoid", "windows": [_window(0, 1, 1, channel=1)] * 2}, "input channel 0..0"),
         ({"mode": "sigmoid", "windows": [_window(0, 1, 1, side=2)] * 2}, "side must be -1, 0 or 1"),
         ({"mode": "sigmoid", "windows": [_window(0, 1, 1)] * 2, "sigma_vox": [1.0]}, "2 values"),
