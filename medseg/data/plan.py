@@ -507,7 +507,7 @@ def make_plan(
     bw = cfg.loss.border_weights
     class_weights = plan_class_weights(cfg, fp)
     border_weights: dict[str, Any] = {"enabled": bw.enabled, "w0": bw.w0, "sigma_mm": bw.sigma_mm}
-    if class_weights:  # the dataset-level weights replace the map's per-case class balance
+    if class_weights and bw.enabled:  # the dataset-level weights replace the map's per-case class balance
         border_weights["class_balance"] = False
     return Plan(
         spatial_dims=dims,

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medseg.config import LossConfig, load_config
+from medseg.config import BorderWeightConfig, LossConfig, load_config
 from medseg.data.datasets import load_case, load_dataset
 from medseg.data.plan import Fingerprint, Plan, compute_fingerprint, make_plan, plan_class_weights
 from medseg.data.preprocess import compute_weights
@@ -196,3 +196,16 @@ def test_fingerprint_counts_label_volumes_in_mm3(tmp_path: Path) -> None:
     ]
     assert min(expected) > 0
     np.testing.assert_allclose(fp.label_volumes[0], [label.array.size * voxel, *expected])
+
+
+def test_class_weights_without_border_maps_keep_the_cache_key() -> None:
+    # no weight map is computed, so nothing in the preprocessed arrays changes: no cache miss
+    fp = _fp([(100.0, 30.0, 10.0)] * 2)
+    plans = []
+    for cw in ("median_frequency", "none"):
+        cfg = _cfg(cw)
+        loss = cfg.loss.model_copy(update={"border_weights": BorderWeightConfig(enabled=False)})
+        cfg = cfg.model_copy(update={"loss": loss})
+        plans.append(make_plan(cfg, fp, memory=memory_estimator(cfg)))
+    assert "class_balance" not in plans[0].border_weights and plans[0].class_weights
+    assert plans[0].preprocess_key() == plans[1].preprocess_key()
